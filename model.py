@@ -154,6 +154,11 @@ def load_backbone(name_or_path, dtype=None):
     return model, tokenizer, image_processor
 
 
+def text_target_mask(batch):
+    """(B, L-1) positions whose NEXT token is a text target (reasoning, <|act|>, answer): lm_loss's mask."""
+    return (batch["labels"][:, 1:] != -100) & ~batch["action_positions"][:, 1:]
+
+
 class DualVLA(nn.Module):
 
     def __init__(self, config: VLAConfig, backbone=None, tokenizer=None, image_processor=None):
@@ -314,7 +319,7 @@ class DualVLA(nn.Module):
         h = self.hidden_states(batch)                                    # (B, L, H)
         logits = self.backbone.lm_head(h)                                # (B, L, V)
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        text = (shift_labels != -100) & ~batch["action_positions"][:, 1:]
+        text = text_target_mask(batch)
         lm_sum = F.cross_entropy(shift_logits[text], shift_labels[text], reduction="sum") if text.any() \
             else logits.sum() * 0
         out = dict(logits=logits, lm_sum=lm_sum, lm_count=text.sum())

@@ -145,3 +145,122 @@ def test_bad_checkpoint_and_backbone_paths(tiny_path, tmp_path):
         DualVLA.from_pretrained(ck)
     with pytest.raises(UserError, match="expects 1 image"):
         m.make_batch([dict(robot_records(1)[0], image=[robot_records(1)[0]["image"]] * 2)])
+
+
+# ----------------------------------------------------------------------------- distill.py
+
+import math
+
+from distill import action_kd, check_teachers, dual_teacher_loss, kd_kl
+
+
+def test_kd_kl_hand_computed():
+    s = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    e = math.e
+    p = [e / (e + 2), 1 / (e + 2), 1 / (e + 2)]
+    kl_row0 = sum(pi * math.log(pi / (1 / 3)) for pi in p)     # KL(p ‖ uniform), row 1 matches exactly
+    both = torch.tensor([True, True])
+    assert kd_kl(s, t, both, T=1.0).item() == pytest.approx(kl_row0 / 2, rel=1e-6)
+    assert kd_kl(s, t, torch.tensor([False, True]), T=1.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert kd_kl(t, t, both, T=1.0).item() == pytest.approx(0.0, abs=1e-7)
+    # T: T² · KL between the distributions softened by T
+    p2 = [math.exp(0.5) / (math.exp(0.5) + 2), 1 / (math.exp(0.5) + 2), 1 / (math.exp(0.5) + 2)]
+    kl2 = sum(pi * math.log(pi / (1 / 3)) for pi in p2)
+    assert kd_kl(s, t, both, T=2.0).item() == pytest.approx(4 * kl2 / 2, rel=1e-6)
+    # masked positions may hold anything, even inf
+    s_bad = s.clone()
+    s_bad[0] = float("inf")
+    assert kd_kl(s_bad, t, torch.tensor([False, True]), T=1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+class CountingTeacher:
+    """Counts forwards of a frozen teacher (wraps its __call__, same interface)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.tokenizer, self.config = model.tokenizer, model.config
+
+    def __call__(self, batch, **kw):
+        self.calls += 1
+        return self.model(batch, **kw)
+
+
+def frozen(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("head", ["flow", "tokens"])
+def test_dual_routing_counts_teacher_forwards(tiny_path, head):
+    student = tiny_model(tiny_path, head)
+    a_t, r_t = CountingTeacher(frozen(tiny_model(tiny_path, head))), CountingTeacher(frozen(tiny_model(tiny_path, head)))
+    robot_batch = student.make_batch(robot_records(3))
+    mm_batch = student.make_batch([mm_record(), mm_record("blue")])
+    out = dual_teacher_loss(student, a_t, r_t, robot_batch, kd="dual")
+    assert (a_t.calls, r_t.calls) == (1, 0) and out["l_kd_reason"].item() == 0
+    out = dual_teacher_loss(student, a_t, r_t, mm_batch, kd="dual")
+    assert (a_t.calls, r_t.calls) == (1, 1) and out["l_kd_action"].item() == 0
+    mixed = student.make_batch(robot_records(2) + [mm_record()])
+    dual_teacher_loss(student, a_t, r_t, mixed, kd="single")
+    assert (a_t.calls, r_t.calls) == (1, 2)
+    out = dual_teacher_loss(student, a_t, r_t, mixed, kd="none")
+    assert (a_t.calls, r_t.calls) == (1, 2) and out["loss"].item() == pytest.approx(out["l_vla"].item())
+
+
+def test_flow_action_kd_zero_for_same_weights_and_noise(tiny_path):
+    student = tiny_model(tiny_path, "flow").eval()
+    same = frozen(tiny_model(tiny_path, "flow"))
+    batch = student.make_batch(robot_records(2))
+    s_out = student(batch)
+    t_out = same(batch, noise=s_out["noise"], t=s_out["t"])
+    assert action_kd(s_out, t_out, batch, T=2.0).item() == pytest.approx(0.0, abs=1e-10)
+    other = student(batch)   # fresh noise and time: different velocities
+    assert action_kd(other, t_out, batch, T=2.0).item() > 0
+    torch.manual_seed(7)
+    different = frozen(DualVLA(VLAConfig(backbone=tiny_path, image_size=56, head_image_size=32)))
+    t2 = different(batch, noise=s_out["noise"], t=s_out["t"])
+    assert action_kd(s_out, t2, batch, T=2.0).item() > 0
+
+
+def train_steps(model, loss_fn, n, lr=2e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(n):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("head", ["flow", "tokens"])
+def test_distill_steps_reduce_vla_and_kd(tiny_path, head):
+    recs = robot_records(4) + [mm_record(), mm_record("blue")]
+    torch.manual_seed(1)
+    teacher = DualVLA(VLAConfig(backbone=tiny_path, action_head=head, image_size=56, head_image_size=32))
+    t_batch = teacher.make_batch(recs)
+    train_steps(teacher, lambda: teacher(t_batch)["loss"], 30)   # a trained teacher agrees with the labels
+    frozen(teacher)
+    student = tiny_model(tiny_path, head)
+    batch = student.make_batch(recs)
+
+    def measure():
+        torch.manual_seed(11)   # the same noise and time each time: a fixed objective
+        out = dual_teacher_loss(student, teacher, teacher, batch, lam=1.0, kd="dual")
+        return out["l_vla"].item(), out["l_kd_action"].item(), out["l_kd_reason"].item()
+
+    before = measure()
+    train_steps(student, lambda: dual_teacher_loss(student, teacher, teacher, batch, lam=1.0)["loss"], 30)
+    after = measure()
+    assert after[0] < 0.7 * before[0]
+    assert after[1] < 0.7 * before[1] and after[2] < 0.7 * before[2]
+
+
+def test_teacher_mismatch_is_refused(tiny_path, tmp_path):
+    student = tiny_model(tiny_path, "flow")
+    with pytest.raises(UserError, match="action_head"):
+        check_teachers(student, tiny_model(tiny_path, "tokens"), tiny_model(tiny_path, "flow"))
+    other_tok = build_tiny(str(tmp_path / "other"), vocab=700)
+    with pytest.raises(UserError, match="different tokenizer"):
+        check_teachers(student, tiny_model(tiny_path, "flow"), tiny_model(other_tok, "flow"))
+    with pytest.raises(UserError, match="--kd must be one of"):
+        dual_teacher_loss(student, student, student, student.make_batch([mm_record()]), kd="both")
