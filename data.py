@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+from itertools import islice
 
 import numpy as np
 from PIL import Image
@@ -96,3 +97,709 @@ def add_action_chunks(records, chunk):
             r["actions"] = acts[np.minimum(idx, n - 1)]
             r["action_mask"] = idx < n
     return records
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def _atomic_write(path, write, binary=False):
+    """Write through a temporary name and os.replace, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_png(image, path):
+    _atomic_write(path, lambda f: image.save(f, format="PNG"), binary=True)
+
+
+def _open_image(source, where):
+    """A path or encoded bytes -> RGB PIL image, fully decoded here so corrupt bytes fail now, with context."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{where}: image file not found: {source}") from None
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError and truncated data are OSErrors
+        name = "image bytes" if isinstance(source, bytes) else source
+        raise DataError(f"{where}: corrupt image {name} ({e})") from None
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def _jsonl(path, required=()):
+    """Yield (where, row) for each line of a JSONL file; a malformed line or a missing field names the
+    file, line and field."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            missing = [k for k in required if k not in row] if isinstance(row, dict) else ["(not an object)"]
+            if missing:
+                raise DataError(f"{where}: missing field '{missing[0]}'")
+            yield where, row
+
+
+def _vector(value, where, dims, key):
+    """A flat float32 vector whose length matches the first one seen for `key` (one action width per set)."""
+    try:
+        v = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field '{key}' is not a list of numbers") from None
+    if v.ndim != 1:
+        raise DataError(f"{where}: field '{key}' should be a flat list, got shape {v.shape}")
+    if dims.get(key) is None:
+        dims[key] = len(v)
+    elif len(v) != dims[key]:
+        raise DataError(f"{where}: field '{key}' has {len(v)} values, expected {dims[key]}")
+    return v
+
+
+# ------------------------------------------------------------------------------------ episode folder
+
+def write_episodes(episodes, out_dir):
+    """Write the project's episode folder: out_dir/episodes.jsonl (one episode per line) + out_dir/images/.
+
+    Step images become images/<id>_<step>.png, or images/<id>_<step>_<camera>.png for a list of cameras
+    (the JSON then holds the list of names, in camera order). episodes.jsonl is replaced last, so a
+    folder is never half-written from a reader's point of view.
+    """
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    lines, stems = [], {}
+    for n, ep in enumerate(episodes):
+        for field in ("id", "instruction", "steps"):
+            if field not in ep:
+                raise DataError(f"write_episodes: episode {n}: missing field '{field}'")
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(ep["id"]))  # ids such as "bridge/12" become file-safe
+        if stem in stems:
+            raise DataError(f"write_episodes: episodes {stems[stem]} and {n} share the id (file stem) {stem!r}")
+        stems[stem] = n
+        steps = []
+        for t, step in enumerate(ep["steps"]):
+            many = isinstance(step["image"], (list, tuple))
+            names = []
+            for c, image in enumerate(step["image"] if many else [step["image"]]):
+                names.append(f"images/{stem}_{t}" + (f"_{c}" if many else "") + ".png")
+                _save_png(image, os.path.join(out_dir, names[-1]))
+            row = dict(image=names if many else names[0],
+                       state=np.asarray(step["state"], dtype=np.float32).tolist(),
+                       action=np.asarray(step["action"], dtype=np.float32).tolist(),
+                       reasoning=step.get("reasoning"))
+            row.update((k, v) for k, v in step.items() if k not in row)
+            steps.append(row)
+        try:
+            lines.append(json.dumps({**{k: v for k, v in ep.items() if k != "steps"}, "steps": steps},
+                                    default=lambda o: o.tolist()) + "\n")  # numpy scalars, e.g. a phase
+        except (TypeError, AttributeError) as e:
+            raise DataError(f"write_episodes: episode {ep['id']!r}: a field is not JSON-serialisable ({e})") from None
+    _atomic_write(os.path.join(out_dir, "episodes.jsonl"), lambda f: f.writelines(lines))
+
+
+def iter_episodes(path, load_images=True, action_dim=None):
+    """Yield the episodes of a folder (DIR or DIR/episodes.jsonl) one at a time, for sets that do not fit in RAM.
+
+    State and action become float32 arrays (every action as wide as the first, or `action_dim`);
+    images are loaded as RGB PIL images, or with load_images=False checked to exist and left as paths.
+    """
+    jsonl = os.path.join(path, "episodes.jsonl") if os.path.isdir(path) else path
+    if not os.path.exists(jsonl):
+        raise DataError(f"{path}: no episodes.jsonl (not an episode folder)")
+    root, dims = os.path.dirname(jsonl), {"state": None, "action": action_dim}
+    for where, ep in _jsonl(jsonl, ("id", "instruction", "steps")):
+        where += f" (episode {ep['id']!r})"
+        steps = []
+        for t, step in enumerate(ep["steps"]):
+            w = f"{where} step {t}"
+            for field in ("image", "state", "action"):
+                if field not in step:
+                    raise DataError(f"{w}: missing field '{field}'")
+            names = step["image"] if isinstance(step["image"], list) else [step["image"]]
+            paths = [os.path.join(root, name) for name in names]
+            for p in paths if not load_images else ():
+                if not os.path.exists(p):
+                    raise DataError(f"{w} field 'image': image file not found: {p}")
+            images = [_open_image(p, f"{w} field 'image'") for p in paths] if load_images else paths
+            steps.append({"reasoning": None, **step, "image": images if isinstance(step["image"], list) else images[0],
+                          "state": _vector(step["state"], w, dims, "state"),
+                          "action": _vector(step["action"], w, dims, "action")})
+        yield {"robot": "unknown", "task": "", **ep, "steps": steps}
+
+
+def read_episodes(path, load_images=True, action_dim=None):
+    """All episodes of an episode folder (see iter_episodes)."""
+    return list(iter_episodes(path, load_images, action_dim))
+
+
+def episode_records(episodes):
+    """Episodes -> robot records, one per step (the step's phase is kept when it has one)."""
+    records = []
+    for ep in episodes:
+        for t, step in enumerate(ep["steps"]):
+            r = dict(image=step["image"], instruction=ep["instruction"], state=step["state"],
+                     action=step["action"], reasoning=step.get("reasoning"), domain="robot",
+                     episode=str(ep["id"]), step=t, robot=ep.get("robot", "unknown"), task=ep.get("task", ""))
+            if step.get("phase") is not None:
+                r["phase"] = step["phase"]
+            records.append(r)
+    return records
+
+
+def records_to_episodes(records):
+    """Robot records -> episodes (inverse of episode_records): grouped by `episode` in first-seen order,
+    steps sorted by `step`; multimodal records are ignored."""
+    groups = {}
+    for r in records:
+        if r.get("domain", "robot") == "robot":
+            groups.setdefault(r["episode"], []).append(r)
+    episodes = []
+    for eid, frames in groups.items():
+        frames = sorted(frames, key=lambda r: r["step"])
+        steps = [dict(image=r["image"], state=r["state"], action=r["action"], reasoning=r.get("reasoning"),
+                      **({"phase": r["phase"]} if "phase" in r else {})) for r in frames]
+        episodes.append(dict(id=eid, instruction=frames[0]["instruction"], robot=frames[0].get("robot", "unknown"),
+                             task=frames[0].get("task", ""), steps=steps))
+    return episodes
+
+
+# -------------------------------------------------------------------------------- LLaVA-format JSON
+
+def write_llava(samples, json_path, image_dir):
+    """Multimodal records -> a LLaVA-format JSON whose image paths are relative to image_dir.
+
+    An image object shared by several records (several questions about one scene) is written once.
+    """
+    os.makedirs(image_dir, exist_ok=True)
+    names, entries = {}, []
+    for n, r in enumerate(samples):
+        many = isinstance(r["image"], (list, tuple))
+        rels = []
+        for image in r["image"] if many else [r["image"]]:
+            if id(image) not in names:
+                names[id(image)] = f"{len(names):07d}.png"
+                _save_png(image, os.path.join(image_dir, names[id(image)]))
+            rels.append(names[id(image)])
+        entries.append({"id": str(r.get("id", n)), "image": rels if many else rels[0], "conversations": [
+            {"from": "human", "value": "<image>\n" * len(rels) + r["instruction"]},
+            {"from": "gpt", "value": reasoning_text(r["reasoning"])}]})
+    _atomic_write(json_path, lambda f: json.dump(entries, f, ensure_ascii=False, indent=1))
+
+
+def iter_llava(json_path, image_root, load_images=True):
+    """Yield multimodal records from a LLaVA-format JSON (the Bunny mix is this format), lazily.
+
+    Each human/gpt pair of a conversation is one record (pair k > 0 gets id "<id>_<k>"); the "<image>"
+    placeholder is stripped from the question. Entries whose image file is missing, and text-only
+    entries (no "image"), are skipped and counted; the counts are printed at the end.
+    """
+    data = _load_json(json_path)
+    if not isinstance(data, list):
+        raise DataError(f"{json_path}: expected a JSON list of LLaVA entries, got {type(data).__name__}")
+    missing = text_only = 0
+    for n, entry in enumerate(data):
+        where = f"{json_path} entry {n}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+            raise DataError(f"{where}: missing field 'conversations' (a list of turns)")
+        where += f" (id {entry.get('id')!r})"
+        if "image" not in entry:
+            text_only += 1
+            continue
+        many = isinstance(entry["image"], list)
+        paths = [os.path.join(image_root, rel) for rel in (entry["image"] if many else [entry["image"]])]
+        if not all(os.path.exists(p) for p in paths):
+            missing += 1
+            continue
+        images = [_open_image(p, f"{where} field 'image'") for p in paths] if load_images else paths
+        turns = entry["conversations"]
+        if len(turns) < 2 or len(turns) % 2:
+            raise DataError(f"{where}: field 'conversations' needs human/gpt pairs, got {len(turns)} turns")
+        for k in range(0, len(turns), 2):
+            human, gpt = turns[k], turns[k + 1]
+            if not (isinstance(human, dict) and isinstance(gpt, dict) and human.get("from") == "human"
+                    and gpt.get("from") == "gpt" and "value" in human and "value" in gpt):
+                raise DataError(f"{where}: field 'conversations' turns {k}-{k + 1}: expected a 'human' then a "
+                                f"'gpt' turn, each with a 'value'")
+            rid = str(entry.get("id", n)) + (f"_{k // 2}" if k else "")
+            yield dict(image=images if many else images[0], instruction=human["value"].replace("<image>", "").strip(),
+                       state=None, action=None, reasoning=gpt["value"], domain="mm", id=rid)
+    if missing or text_only:
+        print(f"read_llava: {json_path}: skipped {missing} entries whose image file is missing "
+              f"and {text_only} text-only entries")
+
+
+def read_llava(json_path, image_root, load_images=True):
+    """All multimodal records of a LLaVA-format JSON (see iter_llava)."""
+    return list(iter_llava(json_path, image_root, load_images))
+
+
+# ------------------------------------------------------------------------------------------- mixing
+
+def mixed_batches(robot, mm, batch_size, mm_ratio, seed=0, rank=0, world_size=1, start=0):
+    """Endless batches of `batch_size` records: round(batch_size * mm_ratio) multimodal, the rest robot.
+
+    The generalist's mixture (Eq. 3); each record keeps its domain, which Eq. 7 routes on. Each domain is
+    read as a stream of seeded permutations, a fresh one per epoch; batch b of rank r takes stream
+    positions (b * world_size + r) * n + k. So the same seed gives the same batches, ranks under torchrun
+    never share a record within an epoch, and `start` (one int: the batch index) resumes at a data position
+    without replaying what came before. `robot` and `mm` are sequences (len and indexing).
+    """
+    n_mm = int(round(batch_size * mm_ratio))
+    if not 0 <= mm_ratio <= 1 or not 0 <= rank < world_size:
+        raise DataError(f"mixed_batches: need 0 <= mm_ratio <= 1 and 0 <= rank < world_size, "
+                        f"got mm_ratio={mm_ratio}, rank={rank}, world_size={world_size}")
+    streams = [(robot, batch_size - n_mm, "robot"), (mm, n_mm, "multimodal")]
+    for records, n, name in streams:
+        if n and not len(records):
+            raise DataError(f"mixed_batches: the batch needs {n} {name} records per batch but none were given")
+    perms = {}
+
+    def take(d, records, n, b):
+        out = []
+        for k in range(n):
+            epoch, i = divmod((b * world_size + rank) * n + k, len(records))
+            if perms.get(d, (None,))[0] != epoch:
+                perms[d] = (epoch, np.random.default_rng([seed, d, epoch]).permutation(len(records)))
+            out.append(records[int(perms[d][1][i])])
+        return out
+
+    b = start
+    while True:
+        yield [r for d, (records, n, _) in enumerate(streams) for r in take(d, records, n, b)]
+        b += 1
+
+
+# ------------------------------------------------------------------------------ LeRobot v2.x / v3.0
+
+def _pyarrow():
+    try:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading LeRobot datasets needs pyarrow: pip install pyarrow") from None
+    return pq, pc
+
+
+def _read_parquet(path, columns=(), only=False):
+    """A parquet table that must hold `columns` (and, with only=True, just them: a v3.0 file holds many
+    episodes and cameras, so a reader loads no more than it needs)."""
+    pq, _ = _pyarrow()
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        names = pq.read_schema(path).names
+        table = None if set(columns) - set(names) else pq.read_table(path, columns=list(columns) if only else None)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError subclasses for broken files
+        raise DataError(f"{path}: unreadable parquet ({e})") from None
+    if table is None:
+        raise DataError(f"{path}: missing column(s) {', '.join(c for c in columns if c not in names)}")
+    return table
+
+
+def lerobot_meta(root):
+    """meta/info.json, the task table and the per-episode metadata of a LeRobot v2.x or v3.0 dataset.
+
+    v2.x: meta/tasks.jsonl {"task_index", "task"}, meta/episodes.jsonl {"episode_index", "tasks", "length"},
+    one parquet (and one mp4 per camera) per episode. v3.0: meta/tasks.parquet (task_index, task),
+    meta/episodes/chunk-*/file-*.parquet whose rows say which data/video file holds each episode
+    ("data/chunk_index", "videos/<key>/from_timestamp", ...), several episodes per file.
+    """
+    info_path = os.path.join(root, "meta", "info.json")
+    if not os.path.exists(info_path):
+        raise DataError(f"{root}: unknown layout (no meta/info.json, so not a LeRobot dataset)")
+    info = _load_json(info_path)
+    for field in ("codebase_version", "features", "data_path", "fps"):
+        if field not in info:
+            raise DataError(f"{info_path}: missing field '{field}'")
+    version = str(info["codebase_version"])
+    if version not in ("v2.0", "v2.1", "v3.0"):
+        raise DataError(f"{info_path}: field 'codebase_version' is {version!r}; this reader knows v2.0, v2.1, v3.0")
+    meta = os.path.join(root, "meta")
+    if version.startswith("v2"):
+        rows = _jsonl(os.path.join(meta, "tasks.jsonl"), ("task_index", "task"))
+        tasks = {r["task_index"]: r["task"] for _, r in rows}
+        episodes = [r for _, r in _jsonl(os.path.join(meta, "episodes.jsonl"), ("episode_index",))]
+    else:
+        path = os.path.join(meta, "tasks.parquet")
+        table = _read_parquet(path, ("task_index",))
+        name = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)  # pandas' index
+        if name is None:
+            raise DataError(f"{path}: missing column task")
+        tasks = dict(zip(table["task_index"].to_pylist(), table[name].to_pylist()))
+        files = sorted(glob.glob(os.path.join(meta, "episodes", "chunk-*", "file-*.parquet")))
+        if not files:
+            raise DataError(f"{meta}/episodes: no chunk-*/file-*.parquet (LeRobot v3.0 episode metadata)")
+        episodes = []
+        for path in files:
+            table = _read_parquet(path, ("episode_index", "data/chunk_index", "data/file_index"))
+            episodes += table.select([c for c in table.column_names if not c.startswith("stats/")]).to_pylist()
+    return dict(root=root, info=info, version=version, tasks=tasks,
+                episodes=sorted(episodes, key=lambda e: e["episode_index"]))
+
+
+def _feature_names(feature):
+    names = (feature or {}).get("names")
+    return list(next(iter(names.values()))) if isinstance(names, dict) else list(names or [])
+
+
+def lerobot_state(states, names, robot_type=""):
+    """observation.state rows (T, D) -> our state: x, y, z, roll, pitch, yaw, gripper where the layout is known.
+
+    Community Bridge (names x y z roll pitch yaw pad gripper): the pad is dropped. Fractal (x y z rx ry rz
+    rw gripper): the quaternion (x, y, z, w) becomes roll/pitch/yaw (extrinsic xyz, as scipy's
+    as_euler("xyz")), and on google_robot the stored gripper, RT-1's gripper_closed (OXE state_obs_keys),
+    is flipped to our 1 = open. Other layouts (own robots, two arms) are kept as they are.
+    """
+    s = np.asarray(states, dtype=np.float64)
+    if "pad" in names:
+        return s[:, [i for i, n in enumerate(names) if n != "pad"]].astype(np.float32)
+    if names[3:7] == ["rx", "ry", "rz", "rw"]:
+        x, y, z, w = s[:, 3], s[:, 4], s[:, 5], s[:, 6]
+        roll = np.arctan2(2 * (w * x + y * z), 1 - 2 * (x * x + y * y))
+        pitch = np.arcsin(np.clip(2 * (w * y - z * x), -1, 1))
+        yaw = np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+        grip = 1 - s[:, 7] if robot_type == "google_robot" else s[:, 7]
+        return np.stack([s[:, 0], s[:, 1], s[:, 2], roll, pitch, yaw, grip], 1).astype(np.float32)
+    return s.astype(np.float32)
+
+
+def _decode_video(path, timestamps, where, tolerance_s=1e-3):
+    """Frames of an mp4 at `timestamps` (s): seek to the keyframe before the first, decode forward, take the
+    nearest frame (LeRobot's rule); a frame further than tolerance_s from its timestamp is an error."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("decoding LeRobot videos needs PyAV: pip install av") from None
+    if not os.path.exists(path):
+        raise DataError(f"{where}: video file not found: {path}")
+    lo, hi = min(timestamps), max(timestamps)
+    times, images = [], []
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            container.seek(int(lo / stream.time_base), stream=stream)
+            for frame in container.decode(stream):
+                if frame.time is not None and frame.time >= lo - tolerance_s:
+                    times.append(frame.time)
+                    images.append(frame.to_image())
+                    if frame.time >= hi - tolerance_s:
+                        break
+    except av.FFmpegError as e:
+        raise DataError(f"{where}: cannot decode video {path} ({e})") from None
+    times, out = np.asarray(times), []
+    for ts in timestamps:
+        j = int(np.argmin(np.abs(times - ts))) if len(times) else None
+        if j is None or abs(times[j] - ts) > tolerance_s:
+            raise DataError(f"{where}: no frame within {tolerance_s}s of timestamp {ts:.4f} in {path}")
+        out.append(images[j])
+    return out
+
+
+def _lerobot_episode(meta, row, cameras, cache, load_images):
+    info, root, ep = meta["info"], meta["root"], row["episode_index"]
+    features, chunk = info["features"], ep // info.get("chunks_size", 1000)
+    if meta["version"].startswith("v2"):
+        path = os.path.join(root, info["data_path"].format(episode_chunk=chunk, episode_index=ep))
+    else:
+        path = os.path.join(root, info["data_path"].format(chunk_index=row["data/chunk_index"],
+                                                           file_index=row["data/file_index"]))
+    videos = [k for k in cameras if features[k]["dtype"] == "video"]
+    columns = ["episode_index", "frame_index", "task_index", "observation.state", "action"] + \
+        [k for k in cameras if k not in videos] + (["timestamp"] if videos else [])
+    if cache.get("path") != path:  # v3.0 files hold many consecutive episodes: read each file once
+        cache.update(path=path, table=_read_parquet(path, columns, only=True))
+    _, pc = _pyarrow()
+    table = cache["table"].filter(pc.equal(cache["table"]["episode_index"], ep)).sort_by("frame_index")
+    where = f"{path} episode {ep}"
+    if table.num_rows == 0:
+        raise DataError(f"{where}: no rows (the episodes metadata points here)")
+    col = {c: table[c].to_pylist() for c in columns}
+    dims = {"action": (features.get("action", {}).get("shape") or [None])[0], "observation.state": None}
+    actions = [_vector(a, f"{where} row {i}", dims, "action") for i, a in enumerate(col["action"])]
+    states = np.stack([_vector(s, f"{where} row {i}", dims, "observation.state")
+                       for i, s in enumerate(col["observation.state"])])
+    states = lerobot_state(states, _feature_names(features.get("observation.state")), info.get("robot_type", ""))
+    frames = {k: [None] * table.num_rows for k in cameras}
+    for k in cameras if load_images else ():
+        if k in videos:
+            fmt = dict(video_key=k, episode_chunk=chunk, episode_index=ep,
+                       chunk_index=row.get(f"videos/{k}/chunk_index"), file_index=row.get(f"videos/{k}/file_index"))
+            start = row.get(f"videos/{k}/from_timestamp", 0.0)  # v3.0: this episode's offset in a shared mp4
+            frames[k] = _decode_video(os.path.join(root, info["video_path"].format(**fmt)),
+                                      [start + t for t in col["timestamp"]], f"{where} field '{k}'")
+            continue
+        for i, cell in enumerate(col[k]):  # HF datasets' Image feature: struct {bytes, path}
+            w = f"{where} row {i} field '{k}'"
+            if not isinstance(cell, dict) or not (cell.get("bytes") or cell.get("path")):
+                raise DataError(f"{w}: expected an image struct {{bytes, path}}")
+            frames[k][i] = _open_image(cell["bytes"] or os.path.join(root, cell["path"]), w)
+    task = col["task_index"][0]
+    if task not in meta["tasks"]:
+        raise DataError(f"{where} field 'task_index': task {task} is not in the task table")
+    steps = [dict(image=frames[cameras[0]][i] if len(cameras) == 1 else [frames[k][i] for k in cameras],
+                  state=states[i], action=actions[i], reasoning=None) for i in range(table.num_rows)]
+    name = os.path.basename(os.path.normpath(root))
+    return dict(id=f"{name}/{ep}", instruction=meta["tasks"][task], robot=info.get("robot_type", "unknown"),
+                task=name, episode_index=ep, steps=steps)
+
+
+def iter_lerobot(root, episodes=None, camera_keys=None, rank=0, world_size=1, load_images=True):
+    """Yield the episodes of a LeRobot v2.x / v3.0 dataset one at a time; rank r of world_size reads
+    every world_size-th episode from the r-th (its own shard under torchrun).
+
+    camera_keys: image features to read, in this order (default: every image/video feature, as info.json
+    lists them); one camera gives a PIL image per step, several a list. The instruction is the task of the
+    episode's first frame; the state goes through lerobot_state. load_images=False leaves images None.
+    """
+    meta = lerobot_meta(root)
+    features = meta["info"]["features"]
+    visual = [k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") in ("image", "video")]
+    cameras = list(camera_keys or visual)
+    for k in cameras:
+        if k not in visual:
+            raise DataError(f"{root}/meta/info.json field 'features': no image feature {k!r} "
+                            f"(image features: {visual})")
+    if not cameras:
+        raise DataError(f"{root}/meta/info.json field 'features': no image or video feature")
+    rows = meta["episodes"]
+    if episodes is not None:
+        wanted, known = set(episodes), {r["episode_index"] for r in rows}
+        if wanted - known:
+            raise DataError(f"{root}: episode(s) {sorted(wanted - known)[:5]} not in the episodes metadata "
+                            f"({len(known)} episodes)")
+        rows = [r for r in rows if r["episode_index"] in wanted]
+    cache = {}
+    for row in rows[rank::world_size]:
+        yield _lerobot_episode(meta, row, cameras, cache, load_images)
+
+
+def read_lerobot(root, episodes=None, camera_keys=None, load_images=True):
+    """All (or the listed) episodes of a LeRobot v2.x / v3.0 dataset (see iter_lerobot)."""
+    return list(iter_lerobot(root, episodes, camera_keys, load_images=load_images))
+
+
+# --------------------------------------------------------------------------- reasoning annotations
+
+# ECoT's JSON keys -> our tags (ECoT's get_cot_database_keys); bboxes and gripper_position come from "features".
+ECOT_KEYS = {"task": "TASK", "plan": "PLAN", "subtask_reason": "SUBTASK REASONING", "subtask": "SUBTASK",
+             "move_reason": "MOVE REASONING", "move": "MOVE"}
+
+
+def _episodes_of(data, json_path):
+    """Walk {file_path: {episode_id: annotation}}, the layout ECoT and VLA-IT share."""
+    if not isinstance(data, dict):
+        raise DataError(f"{json_path}: expected an object {{file_path: {{episode_id: ...}}}}, "
+                        f"got {type(data).__name__}")
+    for file_path, eps in data.items():
+        if not isinstance(eps, dict):
+            raise DataError(f"{json_path} file_path {file_path!r}: expected an object of episodes")
+        for episode_id, ann in eps.items():
+            where = f"{json_path} file_path {file_path!r} episode {episode_id}"
+            if not isinstance(ann, dict):
+                raise DataError(f"{where}: expected an object, got {type(ann).__name__}")
+            yield (str(file_path), str(episode_id)), ann, where
+
+
+def read_ecot(json_path):
+    """ECoT's embodied_features_bridge.json -> {(file_path, episode_id): {step: reasoning dict}}.
+
+    Layout: {file_path: {episode_id: {"metadata", "features": {"bboxes", "gripper_position", "move_primitive"},
+    "reasoning": {"<step>": {task, plan, subtask, subtask_reason, move, move_reason}}}}}. Keys map to our
+    tags by ECOT_KEYS; VISIBLE OBJECTS is "name [box], ..." from the step's bboxes ([prob, name, box]) and
+    GRIPPER POSITION the next 5 gripper positions flattened, both as ECoT's own loader writes them.
+    An episode with no "reasoning" has no annotated steps.
+    """
+    out = {}
+    for key, ann, where in _episodes_of(_load_json(json_path), json_path):
+        feats, steps = ann.get("features") or {}, {}
+        boxes, grip = feats.get("bboxes") or [], feats.get("gripper_position") or []
+        for step, r in (ann.get("reasoning") or {}).items():
+            if not step.isdigit() or not isinstance(r, dict) or not set(r) & set(ECOT_KEYS):
+                raise DataError(f"{where} field 'reasoning' step {step!r}: expected an integer step with "
+                                f"{'/'.join(ECOT_KEYS)} keys")
+            t = int(step)
+            d = {ECOT_KEYS[k]: str(v) for k, v in r.items() if k in ECOT_KEYS and v not in (None, "")}
+            if t < len(boxes) and boxes[t]:
+                if not all(isinstance(b, list) and len(b) == 3 for b in boxes[t]):
+                    raise DataError(f"{where} field 'features.bboxes' step {t}: expected [prob, name, box] entries")
+                d["VISIBLE OBJECTS"] = ", ".join(f"{name} {box}" for _, name, box in boxes[t])
+            if t < len(grip) and grip[t] is not None:
+                future = []
+                for j in range(5):
+                    future += (grip[t + j] if t + j < len(grip) else None) or future[-2:]
+                d["GRIPPER POSITION"] = str(future)
+            steps[t] = d
+        out[key] = steps
+    return out
+
+
+# VLA-IT's caption has no question in the file; InstructVLA samples one of its caption prompts.
+CAPTION_QUESTION = "Describe the scene in the image."
+
+
+def read_vla_it(json_path):
+    """InstructVLA's VLA-IT annotations (bridge_instruction.json / fractal_instruction.json).
+
+    Layout, from InstructVLA's data_pipeline/data_loading_example.ipynb and its RLDS loader:
+        {file_path: {episode_id: {"features": {"move_primitive": [str | null, one per step]},
+                                  "alt_instruction": {"Caption": str, "CR": [{"question", "answer"}, ...],
+                                                      "CC": [...], "QA": [...]}   # optional}}}
+    (CR: rephrased commands, CC: commands set in a context, QA: questions about the first frame.) Any
+    other layout is rejected. Returns (reasoning, conversations): reasoning[(file_path, episode_id)] =
+    {step: {"MOVE": move_primitive}} (read_ecot's shape, for attach_reasoning); conversations[...] =
+    [(question, answer), ...] from Caption (asked as CAPTION_QUESTION), QA, CR, CC (see vla_it_records).
+    """
+    reasoning, conversations = {}, {}
+    for key, ann, where in _episodes_of(_load_json(json_path), json_path):
+        if "reasoning" in ann:
+            raise DataError(f"{where}: field 'reasoning' is ECoT's (embodied_features_bridge.json): use read_ecot")
+        moves = (ann.get("features") or {}).get("move_primitive")
+        if not isinstance(moves, list):
+            raise DataError(f"{where}: missing field 'features.move_primitive' (a list, one per step); expected "
+                            f"InstructVLA's VLA-IT layout")
+        reasoning[key] = {t: {"MOVE": str(m)} for t, m in enumerate(moves) if m}
+        alt, pairs = ann.get("alt_instruction"), []
+        if alt is not None:
+            if not isinstance(alt, dict):
+                raise DataError(f"{where} field 'alt_instruction': expected an object")
+            if alt.get("Caption"):
+                pairs.append((CAPTION_QUESTION, str(alt["Caption"])))
+            for group in ("QA", "CR", "CC"):
+                for i, qa in enumerate(alt.get(group) or []):
+                    if not (isinstance(qa, dict) and all(isinstance(qa.get(k), str) for k in ("question", "answer"))):
+                        raise DataError(f"{where} field 'alt_instruction.{group}[{i}]': "
+                                        f"expected {{question, answer}} strings")
+                    pairs.append((qa["question"], qa["answer"]))
+        conversations[key] = pairs
+    return reasoning, conversations
+
+
+def attach_reasoning(episodes, annotations, key_fn, strict=True):
+    """Join read_ecot / read_vla_it annotations to episodes by key_fn(episode) = (file_path, episode_id)
+    and step index; steps with no reasoning keep what they had (None). A second set of annotations
+    merges tag by tag into the first. An episode with no annotation is an error naming it (strict) or
+    counted and printed (strict=False); an annotated step past the episode's end is always an error.
+    Returns the number of episodes joined. Community LeRobot conversions of Bridge drop the RLDS
+    file_path / episode_id, so key_fn must map an episode to them (e.g. from a table built with the RLDS set)."""
+    unmatched, joined = [], 0
+    for ep in episodes:
+        file_path, episode_id = key_fn(ep)
+        steps = annotations.get((str(file_path), str(episode_id)))
+        if steps is None:
+            unmatched.append((ep["id"], str(file_path), str(episode_id)))
+            continue
+        if steps and max(steps) >= len(ep["steps"]):
+            raise DataError(f"annotation ({file_path!r}, {episode_id!r}) has step {max(steps)} but episode "
+                            f"{ep['id']!r} has {len(ep['steps'])} steps")
+        for t, r in steps.items():
+            old = ep["steps"][t].get("reasoning")
+            ep["steps"][t]["reasoning"] = {**old, **r} if isinstance(old, dict) else r
+        joined += 1
+    if unmatched and strict:
+        raise DataError(f"attach_reasoning: {len(unmatched)} episode(s) have no annotation, e.g. "
+                        f"(episode, file_path, episode_id) {unmatched[:3]}")
+    if unmatched:
+        print(f"attach_reasoning: {len(unmatched)} of {len(unmatched) + joined} episodes have no annotation")
+    return joined
+
+
+def vla_it_records(episodes, conversations, key_fn):
+    """VLA-IT question/answer pairs -> multimodal records on the episode's first frame (the frame the
+    annotator captioned and asked about); episodes without pairs give none."""
+    return [dict(image=ep["steps"][0]["image"], instruction=q, state=None, action=None, reasoning=a,
+                 domain="mm", id=f"{ep['id']}_{i}")
+            for ep in episodes
+            for i, (q, a) in enumerate(conversations.get(tuple(map(str, key_fn(ep))), []))]
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+def _robot_summary(episodes, cameras, max_episodes):
+    instructions, actions, with_reasoning, n = set(), [], 0, 0
+    for n, ep in enumerate(islice(episodes, max_episodes), 1):
+        instructions.add(ep["instruction"])
+        actions += [s["action"] for s in ep["steps"]]
+        with_reasoning += sum(bool(reasoning_text(s.get("reasoning"))) for s in ep["steps"])
+    if not actions:
+        raise DataError("no frames")
+    a = np.stack(actions)
+    q01, q99 = np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0)
+    return [f"episodes: {n}", f"frames: {len(a)}", f"cameras: {cameras}", f"instructions: {len(instructions)} distinct",
+            f"reasoning: {with_reasoning}/{len(a)} frames ({100 * with_reasoning / len(a):.1f}%)",
+            f"action: {a.shape[1]} dims", "  dim        q01        q99"] + \
+        [f"  {d:3d} {lo:10.4f} {hi:10.4f}" for d, (lo, hi) in enumerate(zip(q01, q99))]
+
+
+def inspect_path(path, max_episodes=None, image_root=None):
+    """What a data path holds, as the lines `python data.py inspect PATH` prints (images are checked to
+    exist, not decoded, so this stays fast on a large set)."""
+    path = str(path)
+    if os.path.exists(os.path.join(path, "meta", "info.json")):
+        meta = lerobot_meta(path)
+        feats = meta["info"]["features"]
+        cams = [f"{k} {f['dtype']} {f.get('shape')}" for k, f in feats.items()
+                if isinstance(f, dict) and f.get("dtype") in ("image", "video")]
+        return [f"format: LeRobot {meta['version']} (fps {meta['info']['fps']})"] + \
+            _robot_summary(iter_lerobot(path, load_images=False), cams, max_episodes)
+    if os.path.isdir(path) or path.endswith(".jsonl"):
+        first = next(iter_episodes(path, load_images=False), None)
+        if first is None:
+            raise DataError(f"{path}: episodes.jsonl holds no episodes")
+        image = first["steps"][0]["image"]
+        sizes = (_open_image(p, path).size for p in (image if isinstance(image, list) else [image]))
+        cams = [f"{w}x{h}" for w, h in sizes]
+        return ["format: episode folder (episodes.jsonl + images/)"] + \
+            _robot_summary(iter_episodes(path, load_images=False), cams, max_episodes)
+    if not path.endswith(".json"):
+        raise DataError(f"{path}: unknown layout (expected an episode folder, a LeRobot dataset, or a .json file)")
+    data = _load_json(path)
+    if isinstance(data, list):
+        recs = list(iter_llava(path, image_root or os.path.dirname(path), load_images=False))
+        images = {p for r in recs for p in (r["image"] if isinstance(r["image"], list) else [r["image"]])}
+        return ["format: LLaVA JSON", f"entries: {len(data)}", f"question/answer records: {len(recs)}",
+                f"image files: {len(images)}"]
+    first = next(iter(next(iter(data.values()), {}).values()), {}) if isinstance(data, dict) else {}
+    if isinstance(first, dict) and "reasoning" in first:
+        ann, kind = read_ecot(path), "ECoT (embodied_features_bridge.json)"
+    else:
+        ann, conv = read_vla_it(path)
+        kind = f"VLA-IT (InstructVLA), {sum(map(len, conv.values()))} question/answer pairs"
+    return [f"format: {kind}", f"episodes: {len(ann)}", f"annotated steps: {sum(map(len, ann.values()))}",
+            f"episodes with reasoning: {sum(bool(s) for s in ann.values())}"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="DualVLA data tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="print what a data path holds before a long job: format, episodes, "
+                                       "frames, cameras, reasoning coverage, action q01/q99 per dimension")
+    p.add_argument("path", help="an episode folder, a LeRobot v2.x/v3.0 dataset, or a LLaVA / ECoT / VLA-IT JSON")
+    p.add_argument("--max-episodes", type=int, help="read only the first N episodes (default: all)")
+    p.add_argument("--image-root", help="LLaVA JSON: folder its image paths are relative to (default: its folder)")
+    args = parser.parse_args(argv)
+    try:
+        print("\n".join(inspect_path(args.path, args.max_episodes, args.image_root)))
+    except (DataError, ImportError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever a library said
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -220,7 +220,9 @@ class DualVLA(nn.Module):
         return np.clip(((actions + 1) / 2 * self.config.n_bins).astype(int), 0, self.config.n_bins - 1)
 
     def _pixels(self, images):
-        """All images of a batch through the backbone's image processor, in one call."""
+        """All images of a batch through the backbone's image processor, in one call (None for text only)."""
+        if not images:
+            return None, None
         s = self.config.image_size
         out = self.image_processor(images=[im.resize((s, s), Image.BICUBIC) for im in images], return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
@@ -357,7 +359,8 @@ class DualVLA(nn.Module):
     def _generate(self, batch, max_new_tokens, stop, logits_processor=None, min_new_tokens=0):
         keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         dev = self.queries.device
-        out = self.backbone.generate(**{k: batch[k].to(dev) for k in keys}, max_new_tokens=max_new_tokens,
+        out = self.backbone.generate(**{k: batch[k].to(dev) for k in keys if batch[k] is not None},
+                                     max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=False, eos_token_id=stop,
                                      pad_token_id=self.ids[PAD], logits_processor=logits_processor)
         return out[:, batch["input_ids"].shape[1]:]

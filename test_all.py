@@ -3,16 +3,47 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import argparse
+import ast
+import base64
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import islice
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 import data
+import evaluate as vs
+import tabletop
+from data import DataError, reasoning_text
+from distill import action_kd, check_teachers, dual_teacher_loss, kd_kl
+from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
+                      SimConfig, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
+                      ensemble_action, episode_specs, euler_to_axangle, euler_to_quat, evaluate_mm, extract_choice,
+                      extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
+                      ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
+                      select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
 from model import ACT, DualVLA, UserError, VLAConfig, build_tiny
+from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
+                      write_benchmarks)
 
 
-# ----------------------------------------------------------------------------- model.py
+# ============================================================================= model.py and distill.py
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
@@ -95,8 +126,8 @@ def test_overfits_one_batch(tiny_path, head):
         out["loss"].backward()
         opt.step()
     out = m(batch, **fixed)
-    assert float(out["lm_loss"]) < 0.1 * first[0]
-    assert float(out["action_loss"]) < 0.1 * first[1]
+    assert out["lm_loss"].item() < 0.1 * first[0]
+    assert out["action_loss"].item() < 0.1 * first[1]
 
 
 @pytest.mark.parametrize("head", ["flow", "tokens"])
@@ -148,10 +179,6 @@ def test_bad_checkpoint_and_backbone_paths(tiny_path, tmp_path):
 
 
 # ----------------------------------------------------------------------------- distill.py
-
-import math
-
-from distill import action_kd, check_teachers, dual_teacher_loss, kd_kl
 
 
 def test_kd_kl_hand_computed():
@@ -264,3 +291,1807 @@ def test_teacher_mismatch_is_refused(tiny_path, tmp_path):
         check_teachers(student, tiny_model(tiny_path, "flow"), tiny_model(other_tok, "flow"))
     with pytest.raises(UserError, match="--kd must be one of"):
         dual_teacher_loss(student, student, student, student.make_batch([mm_record()]), kd="both")
+
+
+# ============================================================================= tabletop.py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_expert(env):
+    """Expert until success or the step limit -> (success, steps taken)."""
+    env.reset()
+    for t in range(env.max_steps):
+        _, _, success, _, _ = env.step(expert_action(env))
+        if success:
+            return True, t + 1
+    return False, env.max_steps
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_expert_solves_every_task_for_50_seeds(task):
+    for seed in range(50):
+        ok, _ = run_expert(make(task, seed, cameras=()))  # state-only: success does not depend on pixels
+        assert ok, f"expert failed on {task} seed {seed}"
+
+
+def test_random_policy_rarely_succeeds():
+    wins = runs = 0
+    for task in TASKS:
+        for seed in range(25):
+            env, rng = make(task, seed, cameras=()), np.random.default_rng(seed)
+            env.reset()
+            for _ in range(env.max_steps):
+                _, _, success, _, _ = env.step(rng.uniform(-1, 1, 7))
+                if success:
+                    wins += 1
+                    break
+            runs += 1
+    assert wins / runs < 0.2
+
+
+def test_same_seed_and_actions_give_identical_frames():
+    actions = np.random.default_rng(0).uniform(-1, 1, (15, 7)).astype(np.float32)
+    runs = []
+    for _ in range(2):
+        env = make("tabletop_move_near", seed=5, cameras=("overhead_camera", "wrist_camera"))
+        obs, _ = env.reset()
+        frames = [obs["image"]["overhead_camera"]["rgb"], obs["image"]["wrist_camera"]["rgb"]]
+        for a in actions:
+            obs, *_ = env.step(a)
+            frames += [obs["image"]["overhead_camera"]["rgb"], obs["image"]["wrist_camera"]["rgb"], obs["state"]]
+        runs.append(frames)
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    first = runs[0][0]
+    assert first.dtype == np.uint8 and first.shape == (64, 64, 3)
+    assert not np.array_equal(first, make("tabletop_move_near", seed=6).reset()[0]["image"]["overhead_camera"]["rgb"])
+    env = make("tabletop_move_near", seed=5)   # reset() returns to the seed's scene
+    env.step(actions[0])
+    assert np.array_equal(env.reset()[0]["image"]["overhead_camera"]["rgb"], first)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_replaying_an_expert_episode_succeeds(task):
+    ep = expert_episode(task, seed=7)
+    assert ep["robot"] == "tabletop" and ep["task"] == task and ep["id"] == f"{task}_00007"
+    env = make(task, seed=7)
+    obs, info = env.reset()
+    assert env.get_language_instruction() == ep["instruction"] and env.camera_names == ["overhead_camera"]
+    for t, step in enumerate(ep["steps"]):
+        assert np.array_equal(np.asarray(step["image"]), obs["image"]["overhead_camera"]["rgb"])
+        assert np.array_equal(step["state"], obs["state"]) and step["state"].dtype == np.float32
+        assert step["action"].shape == (7,) and step["action"].dtype == np.float32
+        assert step["phase"] == info["phase"]
+        obs, reward, success, truncated, info = env.step(step["action"])
+        assert success == (t == len(ep["steps"]) - 1) and reward == float(success) and not truncated
+    assert info["progress"] == 1.0 and info["subtask"] == "done"
+
+
+def test_success_persists_when_the_expert_runs_to_the_step_limit():
+    """evaluate.py sim steps until truncation and reads success at the last step (SimplerEnv's loop)."""
+    env = make("tabletop_place", seed=2, cameras=())
+    env.reset()
+    progress = []
+    for _ in range(env.max_steps):
+        _, _, success, truncated, info = env.step(expert_action(env))
+        progress.append(info["progress"])
+    assert truncated and success and progress[-1] == 1.0
+    assert np.all(np.diff(progress) >= 0) and 0 < progress[5] < 1
+
+
+def test_reasoning_repeats_within_a_subtask_and_changes_at_boundaries():
+    ep = expert_episode("tabletop_place", seed=3)
+    steps = ep["steps"]
+    phases = [s["phase"] for s in steps]
+    assert phases[0] == 0 and sorted(set(phases)) == list(range(7)) and phases == sorted(phases)
+    constant = ("TASK", "PLAN", "SUBTASK REASONING", "SUBTASK", "MOVE REASONING", "MOVE")
+    for a, b in zip(steps, steps[1:]):
+        same = [a["reasoning"][k] == b["reasoning"][k] for k in constant]
+        if a["phase"] == b["phase"]:
+            assert all(same)
+        else:
+            assert a["reasoning"]["SUBTASK"] != b["reasoning"]["SUBTASK"]
+    assert steps[0]["reasoning"]["SUBTASK"] == "Move to the " + ep["instruction"].split(" on ")[0][8:] + "."
+    for s in steps:   # GRIPPER POSITION is the gripper in image pixels
+        assert s["reasoning"]["GRIPPER POSITION"] == str([round(float(v) * 64) for v in s["state"][:2]])
+        text = data.reasoning_text(s["reasoning"])
+        assert [text.index(f"{t}:") for t in data.REASONING_TAGS] == sorted(text.index(f"{t}:") for t in data.REASONING_TAGS)
+    # kinematics: constant velocity within a subtask (the last step may be shorter), gripper flips at boundaries
+    act, state = np.stack([s["action"] for s in steps]), np.stack([s["state"] for s in steps])
+    for p in set(phases):
+        idx = [i for i, q in enumerate(phases) if q == p]
+        assert np.allclose(act[idx[:-1], :3], act[idx[0], :3], atol=1e-6)
+    flips = [i for i in range(1, len(steps)) if state[i, 6] != state[i - 1, 6]]
+    assert flips and all(phases[i] != phases[i - 1] for i in flips)
+    acc = np.linalg.norm(np.gradient(np.gradient(state[:, :3], axis=0), axis=0), axis=1)
+    bounds = [i for i in range(1, len(steps)) if phases[i] != phases[i - 1]]
+    assert all(min(abs(i - b) for b in bounds) <= 2 for i in np.flatnonzero(acc > acc.mean()))
+
+
+def test_instruction_grounding_matters():
+    """Several objects, the target named by colour and kind; lifting a distractor is not a success."""
+    for seed in range(10):
+        env = make("tabletop_pick", seed=seed, cameras=())
+        objs = env.scene["objects"]
+        names = [o["name"] for o in objs]
+        target = objs[env.scene["jobs"][0]["src"]]["name"]
+        assert len(set(names)) == len(names) and sum(o["graspable"] for o in objs) >= 3
+        assert env.get_language_instruction() == f"pick up the {target}"
+        true_jobs = env.scene["jobs"]
+        other = next(k for k, o in enumerate(objs) if o["graspable"] and o["name"] != target)
+        decoy = [tabletop._job(objs, "pick", other)]
+        for _ in range(env.max_steps):
+            env.scene["jobs"] = decoy   # the expert of the wrong instruction ...
+            a = expert_action(env)
+            env.scene["jobs"] = true_jobs
+            _, _, success, _, _ = env.step(a)
+            assert not success
+        assert env.scene["arms"][0]["held"] == other and env.scene["arms"][0]["pos"][2] >= tabletop.LIFT_Z
+
+
+def test_bad_names_and_actions_are_rejected():
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(ALL_TASKS)):
+        make("tabletop_stack")
+    with pytest.raises(ValueError, match="wrist_camera"):
+        make("tabletop_pick", cameras=("head_camera",))
+    with pytest.raises(ValueError, match="length 7"):
+        make("tabletop_pick").step(np.zeros(6))
+    with pytest.raises(ValueError, match="length 14"):
+        make(BIMANUAL).step(np.zeros(7))
+
+
+def test_two_cameras_and_the_14_dof_bimanual_task():
+    cams = ("overhead_camera", "wrist_camera")
+    ep = expert_episode("tabletop_pick", seed=1, image_size=48, cameras=cams)
+    img = ep["steps"][0]["image"]
+    assert isinstance(img, list) and [im.size for im in img] == [(48, 48)] * 2
+    assert not np.array_equal(np.asarray(img[0]), np.asarray(img[1]))
+    env = make(BIMANUAL, seed=4, cameras=cams + ("wrist_camera_1",))
+    obs, _ = env.reset()
+    assert env.action_dim == 14 and obs["state"].shape == (14,)
+    assert {c: obs["image"][c]["rgb"].shape for c in env.camera_names} == {c: (64, 64, 3) for c in env.camera_names}
+    ep = expert_episode(BIMANUAL, seed=4)
+    assert all(s["action"].shape == (14,) and s["state"].shape == (14,) for s in ep["steps"])
+    assert "left gripper" in ep["instruction"] and ep["steps"][0]["reasoning"]["SUBTASK"].startswith("Left: ")
+    env = make(BIMANUAL, seed=4)
+    env.reset()
+    results = [env.step(s["action"])[2] for s in ep["steps"]]
+    assert results[-1] and not any(results[:-1])
+
+
+def test_qa_answers_on_a_hand_built_scene():
+    rng = np.random.default_rng(0)
+    scene = tabletop.sample_scene(rng, "tabletop_pick")
+    can, block, plate = (tabletop._object(rng, k, c) for k, c in (("can", "red"), ("block", "green"), ("plate", "white")))
+    can.update(pos=np.array([0.2, 0.5]), label="K")
+    block.update(pos=np.array([0.7, 0.5]), label="4")
+    plate.update(pos=np.array([0.45, 0.85]))
+    scene.update(objects=[can, block, plate])
+    scene["arms"][0]["pos"] = np.array([0.65, 0.45, 0.1])
+    asked = {}
+    for kind in tabletop.QA_KINDS:
+        for _ in range(30):
+            qa = tabletop.ask(rng, scene, kind)
+            if qa:
+                asked[qa[0]] = qa[1]
+                assert qa[1] not in qa[2]
+    assert asked["Which object is closest to the gripper?"] == "green block"
+    assert asked["How many objects are on the table?"] == "3" and asked["How many cans are on the table?"] == "1"
+    assert asked["What is written on the red can?"] == "K" and asked["What is written on the green block?"] == "4"
+    assert asked["What colour is the can?"] == "red" and asked["What colour is the block with '4' written on it?"] == "green"
+    assert asked.get("Is the red can to the left or to the right of the green block?", "left") == "left"
+    assert asked.get("Is the plate above or below the red can in the image?", "below") == "below"
+    recs = qa_samples(0, 12)
+    assert len(recs) == 12 and all(r["domain"] == "mm" and r["action"] is None and r["image"].size == (64, 64)
+                                   for r in recs)
+    assert recs[5]["reasoning"] in ("yes", "no") and recs[4]["instruction"].startswith("What is written on")
+    assert [r["instruction"] for r in qa_samples(0, 12)] == [r["instruction"] for r in recs]
+
+
+def test_benchmark_tsvs_parse_and_images_decode(tmp_path):
+    paths = write_benchmarks(str(tmp_path), n=10, seed=0)
+    assert [os.path.basename(p) for p in paths] == ["TabletopMCQ.tsv", "TabletopYN.tsv", "TabletopVQA.tsv"]
+    csv.field_size_limit(sys.maxsize)
+    tables = [list(csv.DictReader(open(p, newline=""), delimiter="\t")) for p in paths]
+    mcq, yn, vqa = tables
+    assert all(len(t) == 10 for t in tables)
+    assert list(mcq[0]) == ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category",
+                            "l2-category", "split"]
+    train = {np.asarray(r["image"]).tobytes() for r in qa_samples(0, 60)}
+    for row in mcq + yn + vqa:
+        im = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+        assert im.format == "PNG" and im.size == (64, 64)
+        assert np.asarray(im.convert("RGB")).tobytes() not in train   # held-out scenes
+    for row in mcq:
+        options = [row[c] for c in "ABCD"]
+        assert len(set(options)) == 4 and row["answer"] in "ABCD" and row["category"] in tabletop.QA_KINDS
+    assert {r["answer"] for r in yn} == {"Yes", "No"} and all(r["question"].endswith("yes or no.") for r in yn)
+    for row in vqa:
+        answers = ast.literal_eval(row["answer"])
+        assert isinstance(answers, list) and len(answers) == 10 and len(set(answers)) == 1
+    assert len({r["image"] for r in mcq}) == 10
+
+
+def test_cli_writes_the_demo_folder_and_rejects_bad_flags(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, os.path.join(HERE, "tabletop.py"), "--out", str(out), "--episodes", "2", "--qa", "7",
+           "--bench", "3", "--bimanual-episodes", "1", "--cameras", "overhead_camera,wrist_camera"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    eps = data.read_episodes(str(out))
+    assert [e["task"] for e in eps] == [t for t in TASKS for _ in range(2)]
+    assert [e["id"] for e in eps] == [f"{t}_{tabletop.TRAIN_SEED_OFFSET + j:05d}" for t in TASKS for j in range(2)]
+    step = eps[0]["steps"][0]
+    assert len(step["image"]) == 2 and step["action"].shape == (7,) and step["reasoning"]["TASK"]
+    assert isinstance(step["phase"], int)
+    bi = data.read_episodes(str(out / "bimanual"))
+    assert len(bi) == 1 and bi[0]["steps"][0]["action"].shape == (14,)
+    mm = data.read_llava(str(out / "mm.json"), str(out / "mm_images"))
+    assert len(mm) == 7 and all(r["domain"] == "mm" for r in mm)
+    assert sorted(os.listdir(out / "LMUData")) == ["TabletopMCQ.tsv", "TabletopVQA.tsv", "TabletopYN.tsv"]
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "x"), "--cameras", "head_camera"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "valid names" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ============================================================================= data.py
+
+STATE_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "pad", "gripper"]
+
+
+def frame(k, size=32):
+    """A smooth image whose brightness identifies frame k (survives lossy video coding)."""
+    ramp = np.linspace(0, 60, size, dtype=np.float32)
+    img = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                    np.full((size, size), 0.0, np.float32)], -1) + 18 * k + 10
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_episodes():
+    rng = np.random.default_rng(0)
+    r = {"TASK": "pick up the red can", "PLAN": "reach, grasp, lift", "MOVE": "move down"}
+    ep0 = dict(id="ep/0", instruction="pick up the red can", robot="tabletop", task="tabletop_pick",
+               steps=[dict(image=frame(t), state=rng.normal(size=7).astype(np.float32),
+                           action=rng.normal(size=7).astype(np.float32),
+                           reasoning=r if t % 2 == 0 else None, phase=t // 2) for t in range(4)])
+    ep1 = dict(id="ep1", instruction="put the carrot on the plate", robot="widowx", task="bridge",
+               steps=[dict(image=[frame(t), frame(t + 5)], state=rng.normal(size=7).astype(np.float32),
+                           action=rng.normal(size=7).astype(np.float32), reasoning="free text")
+                      for t in range(3)])
+    return [ep0, ep1]
+
+
+def same_image(a, b):
+    return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_episode_folder_round_trip(tmp_path):
+    eps = make_episodes()
+    data.write_episodes(eps, tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    got = data.read_episodes(tmp_path)
+    assert len(got) == 2
+    for e, g in zip(eps, got):
+        for k in ("id", "instruction", "robot", "task"):
+            assert g[k] == e[k]
+        assert len(g["steps"]) == len(e["steps"])
+        for s, t in zip(e["steps"], g["steps"]):
+            assert t["state"].dtype == np.float32 and np.array_equal(t["state"], s["state"])
+            assert np.array_equal(t["action"], s["action"])
+            assert t["reasoning"] == s["reasoning"] and t.get("phase") == s.get("phase")
+            if isinstance(s["image"], list):
+                assert len(t["image"]) == 2 and all(map(same_image, s["image"], t["image"]))
+            else:
+                assert same_image(s["image"], t["image"])
+    line = json.loads(open(tmp_path / "episodes.jsonl").readline())
+    assert line["steps"][0]["image"] == "images/ep_0_0.png"
+    lazy = data.iter_episodes(tmp_path / "episodes.jsonl", load_images=False)
+    assert next(lazy)["steps"][0]["image"] == os.path.join(str(tmp_path), "images/ep_0_0.png")
+
+
+def test_records_round_trip_and_chunks(tmp_path):
+    eps = make_episodes()
+    recs = data.episode_records(eps)
+    assert len(recs) == 7 and recs[0]["domain"] == "robot" and recs[0]["episode"] == "ep/0"
+    assert recs[5]["step"] == 1 and recs[3]["phase"] == 1 and "phase" not in recs[5]
+    back = data.records_to_episodes(list(reversed(recs)) + [dict(domain="mm")])
+    assert [e["id"] for e in back] == ["ep1", "ep/0"]
+    ep0 = back[1]
+    assert ep0["robot"] == "tabletop" and ep0["task"] == "tabletop_pick"
+    assert [s["phase"] for s in ep0["steps"]] == [0, 0, 1, 1]
+    assert all(np.array_equal(a["action"], b["action"]) for a, b in zip(ep0["steps"], eps[0]["steps"]))
+    data.add_action_chunks(recs, 3)
+    last = recs[3]  # ep0 step 3 of 4: own action, then the last action repeated and masked
+    assert last["actions"].shape == (3, 7) and last["action_mask"].tolist() == [True, False, False]
+    assert np.array_equal(last["actions"][2], eps[0]["steps"][3]["action"])
+    assert np.array_equal(recs[0]["actions"][1], eps[0]["steps"][1]["action"]) and recs[0]["action_mask"].all()
+
+
+def test_normalisation_inverse():
+    acts = np.random.default_rng(1).uniform(-0.3, 0.3, size=(200, 7)).astype(np.float32)
+    acts[:, 6] = (acts[:, 6] > 0).astype(np.float32)
+    stats = data.action_stats(acts)
+    assert stats["mask"] == [True] * 6 + [False]
+    inside = np.clip(acts, stats["q01"], stats["q99"]).astype(np.float32)
+    inside[:, 6] = acts[:, 6]
+    norm = np.stack([data.normalize_action(a, stats) for a in inside])
+    assert norm.min() >= -1 and norm.max() <= 1 and np.array_equal(norm[:, 6], acts[:, 6])
+    back = np.stack([data.unnormalize_action(a, stats) for a in norm])
+    np.testing.assert_allclose(back, inside, atol=1e-6)
+
+
+def mm_records():
+    scene = frame(1)
+    return [dict(image=scene, instruction="What colour is the can?", state=None, action=None,
+                 reasoning="red", domain="mm", id="q0"),
+            dict(image=scene, instruction="How many objects?", state=None, action=None,
+                 reasoning="3", domain="mm", id="q1"),
+            dict(image=[frame(2), frame(3)], instruction="Which image is brighter?", state=None, action=None,
+                 reasoning="the second", domain="mm", id="q2")]
+
+
+def test_llava_round_trip(tmp_path):
+    recs = mm_records()
+    data.write_llava(recs, tmp_path / "mm.json", tmp_path / "img")
+    assert len(os.listdir(tmp_path / "img")) == 3  # the shared scene is written once
+    entry = json.load(open(tmp_path / "mm.json"))[0]
+    assert entry["conversations"][0] == {"from": "human", "value": "<image>\nWhat colour is the can?"}
+    got = data.read_llava(tmp_path / "mm.json", tmp_path / "img")
+    assert len(got) == 3
+    for r, g in zip(recs, got):
+        assert {k: g[k] for k in ("instruction", "state", "action", "reasoning", "domain", "id")} == \
+            {k: r[k] for k in ("instruction", "state", "action", "reasoning", "domain", "id")}
+        if isinstance(r["image"], list):
+            assert all(map(same_image, r["image"], g["image"]))
+        else:
+            assert same_image(r["image"], g["image"])
+
+
+def test_llava_multi_turn_and_skips(tmp_path, capsys):
+    frame(0).save(tmp_path / "a.png")
+    entries = [{"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ1?"}, {"from": "gpt", "value": "A1"},
+        {"from": "human", "value": "Q2?"}, {"from": "gpt", "value": "A2"}]},
+        {"id": "gone", "image": "missing.png", "conversations": [
+            {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    json.dump(entries, open(tmp_path / "mm.json", "w"))
+    got = data.read_llava(tmp_path / "mm.json", tmp_path)
+    assert [(r["id"], r["instruction"], r["reasoning"]) for r in got] == [("x", "Q1?", "A1"), ("x_1", "Q2?", "A2")]
+    assert got[0]["image"] is got[1]["image"]
+    assert "skipped 1 entries whose image file is missing and 1 text-only" in capsys.readouterr().out
+
+
+def test_mixed_batches_ratio_determinism_ranks():
+    robot = [dict(domain="robot", i=i) for i in range(100)]
+    mm = [dict(domain="mm", i=i) for i in range(40)]
+    batches = list(islice(data.mixed_batches(robot, mm, 8, 0.25, seed=3), 6))
+    assert all(len(b) == 8 and sum(r["domain"] == "mm" for r in b) == 2 for b in batches)
+    again = list(islice(data.mixed_batches(robot, mm, 8, 0.25, seed=3), 6))
+    assert [[(r["domain"], r["i"]) for r in b] for b in batches] == [[(r["domain"], r["i"]) for r in b] for b in again]
+    other = list(islice(data.mixed_batches(robot, mm, 8, 0.25, seed=4), 6))
+    assert [[r["i"] for r in b] for b in other] != [[r["i"] for r in b] for b in batches]
+    resumed = list(islice(data.mixed_batches(robot, mm, 8, 0.25, seed=3, start=4), 2))
+    assert [[r["i"] for r in b] for b in resumed] == [[r["i"] for r in b] for b in batches[4:6]]
+    # one robot epoch = 100 records; 2 ranks x 8 batches x 6 robot records = 96 < 100: all distinct
+    ranks = [data.mixed_batches(robot, mm, 8, 0.25, seed=3, rank=k, world_size=2) for k in range(2)]
+    seen = [{r["i"] for b in islice(gen, 8) for r in b if r["domain"] == "robot"} for gen in ranks]
+    assert len(seen[0]) == len(seen[1]) == 48 and not seen[0] & seen[1]
+    # a full epoch of robot records visits every record exactly once
+    epoch = [r["i"] for b in islice(data.mixed_batches(robot, [], 10, 0.0, seed=0), 10) for r in b]
+    assert sorted(epoch) == list(range(100))
+    with pytest.raises(DataError, match="multimodal"):
+        next(data.mixed_batches(robot, [], 8, 0.5))
+
+
+# ------------------------------------------------------------------------------- LeRobot fixtures
+
+def write_mp4(path, images, fps):
+    import av
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = images[0].size[0], images[0].size[1], "yuv420p"
+        stream.options = {"crf": "10"}
+        for i, img in enumerate(images):
+            f = av.VideoFrame.from_image(img)
+            f.pts, f.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(f):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def write_parquet(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def lerobot_truth(n_eps=2, n=5):
+    rng = np.random.default_rng(7)
+    return [dict(states=rng.normal(size=(n, 8)).astype(np.float32), actions=rng.normal(size=(n, 7)).astype(np.float32),
+                 images={"observation.images.image_0": [frame(e * n + t) for t in range(n)],
+                         "observation.images.image_1": [frame(e * n + t).rotate(90) for t in range(n)]})
+            for e in range(n_eps)]
+
+
+def write_lerobot(root, version, video, cameras=("observation.images.image_0",), fps=5):
+    """A tiny LeRobot dataset with the real layout and field names (2 episodes x 5 frames, 32x32)."""
+    import pyarrow as pa
+    truth, n = lerobot_truth(), 5
+    tasks = ["put the spoon on the towel", "open the drawer"]
+    feats = {k: {"dtype": "video" if video else "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]}
+             for k in cameras}
+    feats.update({"observation.state": {"dtype": "float32", "shape": [8], "names": {"motors": STATE_NAMES}},
+                  "action": {"dtype": "float32", "shape": [7], "names": {"motors": STATE_NAMES[:6] + ["gripper"]}},
+                  "timestamp": {"dtype": "float32", "shape": [1]}, "frame_index": {"dtype": "int64", "shape": [1]},
+                  "episode_index": {"dtype": "int64", "shape": [1]}, "index": {"dtype": "int64", "shape": [1]},
+                  "task_index": {"dtype": "int64", "shape": [1]}})
+    v2 = version.startswith("v2")
+    info = {"codebase_version": version, "robot_type": "widowx", "fps": fps, "chunks_size": 1000, "features": feats,
+            "data_path": ("data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet" if v2 else
+                          "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"),
+            "video_path": None if not video else (
+                "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4" if v2
+                else "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")}
+    os.makedirs(root / "meta", exist_ok=True)
+    json.dump(info, open(root / "meta" / "info.json", "w"))
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def columns(e):
+        cols = {"observation.state": pa.array(truth[e]["states"].tolist(), pa.list_(pa.float32())),
+                "action": pa.array(truth[e]["actions"].tolist(), pa.list_(pa.float32())),
+                "timestamp": pa.array([t / fps for t in range(n)], pa.float32()),
+                "frame_index": list(range(n)), "episode_index": [e] * n,
+                "index": list(range(e * n, e * n + n)), "task_index": [e] * n}
+        if not video:
+            for k in cameras:
+                cols[k] = [{"bytes": png(img), "path": f"frame_{t}.png"} for t, img in enumerate(truth[e]["images"][k])]
+        return cols
+
+    if v2:
+        with open(root / "meta" / "tasks.jsonl", "w") as f:
+            f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+        with open(root / "meta" / "episodes.jsonl", "w") as f:
+            f.writelines(json.dumps({"episode_index": e, "tasks": [tasks[e]], "length": n}) + "\n" for e in range(2))
+        for e in range(2):
+            write_parquet(root / f"data/chunk-000/episode_{e:06d}.parquet", columns(e))
+            for k in cameras if video else ():
+                write_mp4(root / f"videos/chunk-000/{k}/episode_{e:06d}.mp4", truth[e]["images"][k], fps)
+    else:
+        write_parquet(root / "meta/tasks.parquet", {"task_index": [0, 1], "task": tasks})
+        first, second = columns(0), columns(1)
+        write_parquet(root / "data/chunk-000/file-000.parquet",  # both episodes in one file
+                      {c: pa.concat_arrays([pa.array(first[c]), pa.array(second[c])]) for c in first})
+        ep_meta = {"episode_index": [0, 1], "tasks": [[tasks[0]], [tasks[1]]], "length": [n, n],
+                   "data/chunk_index": [0, 0], "data/file_index": [0, 0],
+                   "dataset_from_index": [0, n], "dataset_to_index": [n, 2 * n],
+                   "stats/action/mean": [[0.0] * 7, [0.0] * 7]}
+        for k in cameras if video else ():
+            write_mp4(root / f"videos/{k}/chunk-000/file-000.mp4", truth[0]["images"][k] + truth[1]["images"][k], fps)
+            ep_meta.update({f"videos/{k}/chunk_index": [0, 0], f"videos/{k}/file_index": [0, 0],
+                            f"videos/{k}/from_timestamp": [0.0, n / fps],
+                            f"videos/{k}/to_timestamp": [n / fps, 2 * n / fps]})
+        write_parquet(root / "meta/episodes/chunk-000/file-000.parquet", ep_meta)
+    return truth, tasks
+
+
+@pytest.mark.parametrize("version,video,cameras", [
+    ("v2.0", False, ("observation.images.image_0", "observation.images.image_1")),
+    ("v2.1", True, ("observation.images.image_0",)),
+    ("v3.0", False, ("observation.images.image_0",)),
+    ("v3.0", True, ("observation.images.image_0", "observation.images.image_1"))])
+def test_lerobot_read_back(tmp_path, version, video, cameras):
+    root = tmp_path / "bridge_orig_lerobot"
+    truth, tasks = write_lerobot(root, version, video, cameras)
+    eps = data.read_lerobot(root)
+    assert [e["id"] for e in eps] == ["bridge_orig_lerobot/0", "bridge_orig_lerobot/1"]
+    for e, (ep, t) in enumerate(zip(eps, truth)):
+        assert ep["instruction"] == tasks[e] and ep["robot"] == "widowx" and len(ep["steps"]) == 5
+        for i, step in enumerate(ep["steps"]):
+            # state x y z roll pitch yaw pad gripper -> pad dropped
+            np.testing.assert_array_equal(step["state"], t["states"][i][[0, 1, 2, 3, 4, 5, 7]])
+            np.testing.assert_array_equal(step["action"], t["actions"][i])
+            assert step["reasoning"] is None
+            images = step["image"] if len(cameras) > 1 else [step["image"]]
+            assert len(images) == len(cameras)
+            for k, img in zip(cameras, images):
+                want = np.asarray(t["images"][k][i], dtype=np.float32)
+                err = np.abs(np.asarray(img, dtype=np.float32) - want).mean()
+                assert img.size == (32, 32) and (err < 4 if video else err == 0), (k, i, err)
+    # lazily, per rank: disjoint episodes
+    assert [e["id"] for e in data.iter_lerobot(root, rank=1, world_size=2)] == ["bridge_orig_lerobot/1"]
+    one = data.read_lerobot(root, episodes=[1], camera_keys=[cameras[-1]])
+    assert len(one) == 1 and isinstance(one[0]["steps"][0]["image"], Image.Image)
+
+
+def test_lerobot_fractal_state_and_errors(tmp_path):
+    root = tmp_path / "ds"
+    write_lerobot(root, "v2.0", False)
+    info = json.load(open(root / "meta/info.json"))
+    info["robot_type"] = "google_robot"
+    info["features"]["observation.state"]["names"] = {"motors": ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]}
+    json.dump(info, open(root / "meta/info.json", "w"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = root / "data/chunk-000/episode_000000.parquet"
+    table = pq.read_table(path)
+    h = np.sqrt(0.5)  # 90 degrees about z, gripper_closed = 1
+    state = pa.array([[0.1, 0.2, 0.3, 0.0, 0.0, h, h, 1.0]] * 5, pa.list_(pa.float32()))
+    pq.write_table(table.set_column(table.column_names.index("observation.state"), "observation.state", state), path)
+    s = data.read_lerobot(root, episodes=[0])[0]["steps"][0]["state"]
+    np.testing.assert_allclose(s, [0.1, 0.2, 0.3, 0, 0, np.pi / 2, 0.0], atol=1e-6)
+    # missing column
+    pq.write_table(table.drop_columns(["action"]), path)
+    with pytest.raises(DataError, match=r"episode_000000.parquet: missing column\(s\) action"):
+        data.read_lerobot(root)
+    # action of the wrong length
+    short = pa.array([[0.0] * 6] * 5, pa.list_(pa.float32()))
+    pq.write_table(table.set_column(table.column_names.index("action"), "action", short), path)
+    with pytest.raises(DataError, match=r"episode_000000.parquet episode 0 row 0: field 'action' has 6 values, "
+                                        r"expected 7"):
+        data.read_lerobot(root)
+    # corrupt image bytes
+    k = table.column_names.index("observation.images.image_0")
+    bad = [{"bytes": b"not a png", "path": "x.png"}] * 5
+    pq.write_table(table.set_column(k, "observation.images.image_0", pa.array(bad)), path)
+    with pytest.raises(DataError, match=r"episode 0 row 0 field 'observation.images.image_0': corrupt image"):
+        data.read_lerobot(root)
+    with pytest.raises(DataError, match="no image feature 'observation.images.wrist'"):
+        data.read_lerobot(root, camera_keys=["observation.images.wrist"])
+    with pytest.raises(DataError, match=r"episode\(s\) \[7\]"):
+        data.read_lerobot(root, episodes=[7])
+    info["codebase_version"] = "v1.6"
+    json.dump(info, open(root / "meta/info.json", "w"))
+    with pytest.raises(DataError, match="'codebase_version' is 'v1.6'"):
+        data.read_lerobot(root)
+    with pytest.raises(DataError, match="unknown layout"):
+        data.read_lerobot(tmp_path)
+
+
+def test_lerobot_video_missing_frame(tmp_path):
+    root = tmp_path / "ds"
+    write_lerobot(root, "v3.0", True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = root / "meta/episodes/chunk-000/file-000.parquet"
+    t = pq.read_table(path)
+    k = "videos/observation.images.image_0/from_timestamp"  # episode 1 said to start past the video's end
+    pq.write_table(t.set_column(t.column_names.index(k), k, pa.array([0.0, 5.0])), path)
+    with pytest.raises(DataError, match=r"episode 1 field 'observation.images.image_0': no frame within"):
+        data.read_lerobot(root, episodes=[1])
+
+
+# ---------------------------------------------------------------------------------- annotations
+
+def ecot_json(path):
+    ann = {"/nfs/bridge/put_spoon/train/out.npy": {
+        "3": {"metadata": {"episode_id": "3", "file_path": "/nfs/bridge/put_spoon/train/out.npy", "n_steps": 4,
+                           "language_instruction": "put the spoon on the towel"},
+              "features": {"bboxes": [[[0.9, "spoon", [1, 2, 10, 12]], [0.8, "towel", [5, 5, 20, 30]]], [], [], []],
+                           "gripper_position": [[10, 20], [11, 21], [12, 22], [13, 23]],
+                           "move_primitive": ["move left", "move down", "close gripper", "stop"]},
+              "reasoning": {"0": {"task": "put the spoon on the towel", "plan": "grasp spoon, move to towel",
+                                  "subtask": "grasp the spoon", "subtask_reason": "it is not held yet",
+                                  "move": "move left", "move_reason": "the spoon is to the left"},
+                            "2": {"task": "put the spoon on the towel", "plan": "grasp spoon, move to towel",
+                                  "subtask": "grasp the spoon", "subtask_reason": "it is in reach",
+                                  "move": "close gripper", "move_reason": "the spoon is between the fingers"}}},
+        "4": {"metadata": {}, "features": {}}}}
+    json.dump(ann, open(path, "w"))
+
+
+def robot_episode(eid, file_path, episode_id, n):
+    return dict(id=eid, instruction="put the spoon on the towel", robot="widowx", task="bridge", file_path=file_path,
+                episode_id=episode_id, steps=[dict(image=frame(t), state=np.zeros(7, np.float32),
+                                                   action=np.zeros(7, np.float32), reasoning=None) for t in range(n)])
+
+
+def test_ecot_join(tmp_path):
+    ecot_json(tmp_path / "embodied_features_bridge.json")
+    ann = data.read_ecot(tmp_path / "embodied_features_bridge.json")
+    fp = "/nfs/bridge/put_spoon/train/out.npy"
+    assert set(ann) == {(fp, "3"), (fp, "4")} and ann[(fp, "4")] == {}
+    assert ann[(fp, "3")][0] == {
+        "TASK": "put the spoon on the towel", "PLAN": "grasp spoon, move to towel", "SUBTASK": "grasp the spoon",
+        "SUBTASK REASONING": "it is not held yet", "MOVE": "move left", "MOVE REASONING": "the spoon is to the left",
+        "VISIBLE OBJECTS": "spoon [1, 2, 10, 12], towel [5, 5, 20, 30]",
+        "GRIPPER POSITION": "[10, 20, 11, 21, 12, 22, 13, 23, 13, 23]"}
+    assert "VISIBLE OBJECTS" not in ann[(fp, "3")][2]
+    eps = [robot_episode("a", fp, 3, 4), robot_episode("b", fp, "4", 2)]
+    key = lambda ep: (ep["file_path"], ep["episode_id"])  # noqa: E731
+    assert data.attach_reasoning(eps, ann, key) == 2
+    assert [s["reasoning"] is None for s in eps[0]["steps"]] == [False, True, False, True]
+    text = data.reasoning_text(eps[0]["steps"][2]["reasoning"])
+    assert text.startswith("TASK: put the spoon on the towel PLAN:") and "MOVE: close gripper" in text
+    assert all(s["reasoning"] is None for s in eps[1]["steps"])
+    stray = [robot_episode("c", fp, "9", 3)]
+    with pytest.raises(DataError, match=r"1 episode\(s\) have no annotation.*'c'.*'9'"):
+        data.attach_reasoning(stray, ann, key)
+    assert data.attach_reasoning(stray, ann, key, strict=False) == 0
+    with pytest.raises(DataError, match="has step 2 but episode 'short' has 2 steps"):
+        data.attach_reasoning([robot_episode("short", fp, 3, 2)], ann, key)
+
+
+def test_vla_it(tmp_path):
+    fp = "/nfs/bridge/stack_blocks/19/train/out.npy"
+    ann = {fp: {"43": {"features": {"move_primitive": ["move forward", None, "stop"]},
+                       "alt_instruction": {"Caption": "A wooden table with colorful blocks.",
+                                           "CR": [{"question": "Place the arch.", "answer": "I will move the arch."}],
+                                           "CC": [], "QA": [{"question": "What is on the table?",
+                                                             "answer": "Blocks."}]}},
+                "44": {"features": {"move_primitive": ["stop"]}}}}
+    json.dump(ann, open(tmp_path / "bridge_instruction.json", "w"))
+    reasoning, conv = data.read_vla_it(tmp_path / "bridge_instruction.json")
+    assert reasoning[(fp, "43")] == {0: {"MOVE": "move forward"}, 2: {"MOVE": "stop"}}
+    assert conv[(fp, "43")] == [(data.CAPTION_QUESTION, "A wooden table with colorful blocks."),
+                                ("What is on the table?", "Blocks."), ("Place the arch.", "I will move the arch.")]
+    assert conv[(fp, "44")] == []
+    eps = [robot_episode("e", fp, 43, 3)]
+    key = lambda ep: (ep["file_path"], ep["episode_id"])  # noqa: E731
+    data.attach_reasoning(eps, reasoning, key)
+    assert [s["reasoning"] for s in eps[0]["steps"]] == [{"MOVE": "move forward"}, None, {"MOVE": "stop"}]
+    recs = data.vla_it_records(eps, conv, key)
+    assert len(recs) == 3 and recs[1]["domain"] == "mm" and recs[1]["instruction"] == "What is on the table?"
+    assert recs[0]["image"] is eps[0]["steps"][0]["image"]
+    ecot_json(tmp_path / "ecot.json")
+    with pytest.raises(DataError, match=r"episode 3: field 'reasoning' is ECoT's .*use read_ecot"):
+        data.read_vla_it(tmp_path / "ecot.json")
+    json.dump({fp: {"1": {"features": {}}}}, open(tmp_path / "other.json", "w"))
+    with pytest.raises(DataError, match=r"other.json file_path '.*' episode 1: missing field "
+                                        r"'features.move_primitive'"):
+        data.read_vla_it(tmp_path / "other.json")
+    json.dump([1, 2], open(tmp_path / "list.json", "w"))
+    with pytest.raises(DataError, match="expected an object"):
+        data.read_vla_it(tmp_path / "list.json")
+
+
+# ---------------------------------------------------------------------------------- bad input + CLI
+
+def test_episode_folder_bad_input(tmp_path):
+    data.write_episodes(make_episodes(), tmp_path)
+    jsonl = tmp_path / "episodes.jsonl"
+    lines = open(jsonl).read().splitlines()
+    ep1 = json.loads(lines[1])
+
+    def rewrite(second):
+        open(jsonl, "w").write(lines[0] + "\n" + second + "\n")
+
+    rewrite(lines[1][:-5])
+    with pytest.raises(DataError, match=r"episodes.jsonl line 2: malformed JSON"):
+        data.read_episodes(tmp_path)
+    ep1["steps"][1]["action"] = [0.0] * 6
+    rewrite(json.dumps(ep1))
+    with pytest.raises(DataError, match=r"line 2 \(episode 'ep1'\) step 1: field 'action' has 6 values, expected 7"):
+        data.read_episodes(tmp_path)
+    with pytest.raises(DataError, match=r"line 1 \(episode 'ep/0'\) step 0: field 'action' has 7 values, expected 14"):
+        data.read_episodes(tmp_path, action_dim=14)
+    rewrite(json.dumps({k: v for k, v in ep1.items() if k != "instruction"}))
+    with pytest.raises(DataError, match=r"line 2: missing field 'instruction'"):
+        data.read_episodes(tmp_path)
+    rewrite(lines[1])
+    os.remove(tmp_path / "images" / "ep1_2_1.png")
+    with pytest.raises(DataError, match=r"line 2 \(episode 'ep1'\) step 2 field 'image': "
+                                        r"image file not found: .*ep1_2_1.png"):
+        data.read_episodes(tmp_path)
+    with pytest.raises(DataError, match="image file not found"):
+        data.read_episodes(tmp_path, load_images=False)
+    open(tmp_path / "images" / "ep1_2_1.png", "wb").write(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"step 2 field 'image': corrupt image .*ep1_2_1.png"):
+        data.read_episodes(tmp_path)
+    with pytest.raises(DataError, match="no episodes.jsonl"):
+        data.read_episodes(tmp_path / "images")
+    with pytest.raises(DataError, match="share the id"):
+        data.write_episodes([make_episodes()[1]] * 2, tmp_path / "dup")
+    assert not os.path.exists(tmp_path / "dup" / "episodes.jsonl")
+
+
+def test_llava_bad_input(tmp_path):
+    frame(0).save(tmp_path / "a.png")
+    turns = [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]
+    json.dump([{"id": "q", "image": "a.png", "conversations": turns}], open(tmp_path / "mm.json", "w"))
+    with pytest.raises(DataError, match=r"mm.json entry 0 \(id 'q'\): field 'conversations' turns 0-1"):
+        data.read_llava(tmp_path / "mm.json", tmp_path)
+    json.dump({"not": "a list"}, open(tmp_path / "mm.json", "w"))
+    with pytest.raises(DataError, match="expected a JSON list"):
+        data.read_llava(tmp_path / "mm.json", tmp_path)
+    open(tmp_path / "mm.json", "w").write("[{\"id\": 1,}")
+    with pytest.raises(DataError, match=r"mm.json line 1: malformed JSON"):
+        data.read_llava(tmp_path / "mm.json", tmp_path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_inspect_cli(tmp_path):
+    data.write_episodes(make_episodes(), tmp_path / "eps")
+    out = run_cli("inspect", tmp_path / "eps")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("format: episode folder")
+    assert "episodes: 2" in lines and "frames: 7" in lines and "cameras: ['32x32']" in lines
+    assert "reasoning: 5/7 frames (71.4%)" in lines and "action: 7 dims" in lines
+    assert len([x for x in lines if x.startswith("    ")]) == 7  # one q01/q99 row per action dim
+    write_lerobot(tmp_path / "lr", "v3.0", False)
+    out = run_cli("inspect", tmp_path / "lr", "--max-episodes", "1")
+    assert out.returncode == 0, out.stderr
+    assert "format: LeRobot v3.0 (fps 5)" in out.stdout and "episodes: 1\nframes: 5" in out.stdout
+    ecot_json(tmp_path / "e.json")
+    out = run_cli("inspect", tmp_path / "e.json")
+    assert "format: ECoT" in out.stdout and "annotated steps: 2" in out.stdout
+    data.write_llava(mm_records(), tmp_path / "mm.json", tmp_path / "img")
+    assert data.inspect_path(tmp_path / "mm.json", image_root=tmp_path / "img") == [
+        "format: LLaVA JSON", "entries: 3", "question/answer records: 3", "image files: 3"]
+    json.dump({"f": {"0": {"features": {"move_primitive": ["stop", "stop"]}, "alt_instruction": {"Caption": "c"}}}},
+              open(tmp_path / "vla.json", "w"))
+    assert data.inspect_path(tmp_path / "vla.json")[:3] == [
+        "format: VLA-IT (InstructVLA), 1 question/answer pairs", "episodes: 1", "annotated steps: 2"]
+    bad = run_cli("inspect", tmp_path / "nothing_here")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ============================================================================= evaluate.py sim
+
+def _rot_x(a):
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+
+def _rot_y(a):
+    return np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+
+
+def _rot_z(a):
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+def _matrix_to_axangle(R):
+    """Reference: axis·angle of a rotation matrix (angle in [0, π)), stable for tiny angles."""
+    v = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]]) / 2  # sin(θ)·axis
+    s, c = np.linalg.norm(v), (np.trace(R) - 1) / 2
+    theta = np.arctan2(s, c)
+    return v * (theta / s if s > 1e-15 else 1.0)
+
+
+def _axangle_to_matrix(r):
+    theta = np.linalg.norm(r)
+    if theta < 1e-15:
+        return np.eye(3)
+    k = r / theta
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(theta) * K + (1 - np.cos(theta)) * K @ K
+
+
+def test_euler_to_axangle_matches_rotation_matrix():
+    rng = np.random.default_rng(0)
+    angles = list(rng.uniform(-np.pi, np.pi, (200, 3))) + list(rng.uniform(-1e-7, 1e-7, (20, 3)))
+    angles += [np.zeros(3), np.array([1e-12, 0, 0]), np.array([0.3, 0, 0]), np.array([0, 0, -0.09])]
+    for roll, pitch, yaw in angles:
+        R = _rot_z(yaw) @ _rot_y(pitch) @ _rot_x(roll)  # static x, then y, then z
+        r = euler_to_axangle(roll, pitch, yaw)
+        assert r.shape == (3,)
+        np.testing.assert_allclose(_axangle_to_matrix(r), R, atol=1e-10)
+        assert np.linalg.norm(r) <= np.pi + 1e-12
+        if np.linalg.norm(r) < np.pi - 1e-3:  # away from the θ = π ambiguity the vector itself is unique
+            np.testing.assert_allclose(r, _matrix_to_axangle(R), atol=1e-9, rtol=1e-7)
+    np.testing.assert_allclose(euler_to_axangle(0.3, 0, 0), [0.3, 0, 0], atol=1e-15)
+    np.testing.assert_allclose(euler_to_axangle(1e-9, -2e-9, 3e-9), [1e-9, -2e-9, 3e-9], rtol=1e-6)
+
+
+def test_robot_init_quaternion_turns_base_about_z():
+    q = quat_mul(euler_to_quat(0, 0, -0.09), np.array([0.0, 0, 0, 1]))  # SimplerEnv move-near robot pose
+    np.testing.assert_allclose(np.linalg.norm(q), 1)
+    np.testing.assert_allclose(q[1:3], 0, atol=1e-15)
+    yaw = 2 * np.arctan2(q[3], q[0])
+    np.testing.assert_allclose(yaw, np.pi - 0.09)
+
+
+def test_widowx_gripper_is_absolute():
+    conv = ActionConverter("widowx_bridge")
+    out = [conv.gripper(g)[0] for g in (1.0, 0.7, 0.51, 0.5, 0.2, 0.0, 0.9)]
+    assert out == [1, 1, 1, -1, -1, -1, 1]
+
+
+def test_google_gripper_is_relative_and_sticky_for_15_steps():
+    conv = ActionConverter("google_robot", sticky_repeat=15)
+    seq = [1.0] * 3 + [0.0] * 20 + [1.0] * 20
+    out = np.array([conv.gripper(g)[0] for g in seq])
+    expected = np.zeros(len(seq))
+    expected[3:18] = 1.0    # open -> close at step 3: "+1 close" held for 15 steps, then 0
+    expected[23:38] = -1.0  # close -> open at step 23: "-1 open" held for 15 steps
+    np.testing.assert_array_equal(out, expected)
+    # a change commanded while the gripper is sticky is dropped, as in SimplerEnv's wrappers
+    conv.reset()
+    out = [conv.gripper(g)[0] for g in [1.0, 0.0, 1.0] + [1.0] * 16]
+    assert out[:16] == [0.0] + [1.0] * 15 and out[16:] == [0.0] * 3
+    # the first step has no previous command, so it is 0 whatever the model says
+    conv.reset()
+    assert conv.gripper(0.0)[0] == 0.0
+
+
+def test_converter_builds_simplerenv_action():
+    conv = ActionConverter("widowx_bridge", action_scale=2.0)
+    action = conv(dict(world_vector=np.array([0.01, 0.0, -0.02]), rotation_delta=np.array([0.0, 0.0, 0.1]),
+                       open_gripper=np.array([0.0])))
+    np.testing.assert_allclose(action["world_vector"], [0.02, 0, -0.04])
+    np.testing.assert_allclose(action["rot_axangle"], [0, 0, 0.2], atol=1e-15)
+    assert action["gripper"].tolist() == [-1.0] and action["terminate_episode"].tolist() == [0.0]
+
+
+def test_ensemble_action_weights_overlapping_chunks():
+    chunks = [np.full((3, 7), 1.0), np.full((3, 7), 2.0), np.full((3, 7), 4.0)]
+    chunks[0][2], chunks[1][1], chunks[2][0] = 10.0, 20.0, 40.0  # the rows predicted for "now"
+    np.testing.assert_allclose(ensemble_action(chunks, 0.0), np.full(7, 70 / 3))
+    w = np.exp(-0.5 * np.arange(3))
+    np.testing.assert_allclose(ensemble_action(chunks, 0.5), np.full(7, (w @ [10, 20, 40]) / w.sum()))
+    np.testing.assert_allclose(ensemble_action(chunks[:1], 0.5), np.full(7, 1.0))  # first step: its row 0
+
+
+class FakeModel:
+    """predict_action's contract: chunk (4, 7) whose row j of call c is 10c + j; reasons on call 0 only."""
+
+    def __init__(self, action_dim=7, chunk=4, cameras=("image",)):
+        self.config = SimpleNamespace(action_dim=action_dim, chunk=chunk, cameras=cameras)
+        self.calls = []
+
+    def predict_action(self, image, instruction, state=None, reason=True):
+        c = len(self.calls)
+        self.calls.append((image.size, instruction, state, reason))
+        acts = np.repeat((10.0 * c + np.arange(self.config.chunk))[:, None], 7, 1).astype(np.float32)
+        acts[:, 3:6] = 0
+        return dict(actions=acts, reasoning="PLAN: grasp" if c == 0 else "", n_tokens=5 if c == 0 else 1)
+
+
+def test_policy_executes_first_k_of_each_chunk():
+    model = FakeModel()
+    pol = Policy(model, "widowx_bridge", exec_horizon=2)
+    pol.reset("pick the can")
+    image = np.zeros((32, 40, 3), np.uint8)
+    steps = [pol.step(image, "pick the can") for _ in range(5)]
+    assert [raw["world_vector"][0] for raw, _ in steps] == [0, 1, 10, 11, 20]
+    assert len(model.calls) == 3 and model.calls[0] == ((40, 32), "pick the can", None, True)
+    assert [raw["reasoning"] for raw, _ in steps] == ["PLAN: grasp", None, None, None, None]
+    assert sum(raw["n_tokens"] for raw, _ in steps) == 7
+    assert set(steps[0][1]) == {"world_vector", "rot_axangle", "gripper", "terminate_episode"}
+    assert set(steps[0][0]) >= {"world_vector", "rotation_delta", "open_gripper"}
+    pol.step(image, "another task")  # a new instruction resets the queue: a fresh prediction
+    assert len(model.calls) == 4
+
+
+def test_policy_temporal_ensemble():
+    model = FakeModel()
+    pol = Policy(model, "widowx_bridge", ensemble=True)
+    pol.reset("t")
+    image = np.zeros((8, 8, 3), np.uint8)
+    xs = [pol.step(image, "t")[0]["world_vector"][0] for _ in range(6)]
+    # step t averages rows t-i of the chunks of the last 4 calls: rows are 10c + (t - c)
+    expected = [np.mean([10 * c + (t - c) for c in range(max(0, t - 3), t + 1)]) for t in range(6)]
+    np.testing.assert_allclose(xs, expected)
+    assert len(model.calls) == 6
+
+
+def test_policy_rejects_bad_checkpoints():
+    with pytest.raises(UserError, match="6-D"):
+        Policy(FakeModel(action_dim=6))
+    with pytest.raises(UserError, match="one image"):
+        Policy(FakeModel(cameras=("wrist", "overhead")))
+    with pytest.raises(UserError, match="exec-horizon"):
+        Policy(FakeModel(chunk=4), exec_horizon=5)
+    with pytest.raises(UserError, match="policy_setup"):
+        Policy(FakeModel(), "franka")
+    with pytest.raises(UserError, match="not a checkpoint"):
+        Policy("/nonexistent/ckpt")
+
+
+def test_simpler_table_reproduces_paper_average():
+    paper = {c: PAPER_SIMPLER["DualVLA (paper)"][c] for c in SIMPLER_COLUMNS}
+    table = simpler_table(paper)
+    assert list(table) == list(SIMPLER_COLUMNS) + ["avg"]
+    assert round(table["avg"], 0) == 61.0 and abs(table["avg"] - 61.0) < 0.1
+    partial = simpler_table({"widowx_stack_blocks": 8.3})
+    assert partial["widowx_stack_blocks"] == 8.3 and partial["widowx_spoon_on_towel"] is None
+    assert partial["avg"] is None
+
+
+def test_column_success_aggregates_like_simplerenv():
+    ep = lambda task, group, variant, s: dict(task=task, group=group, variant=variant, success=s)
+    summaries = (  # coke can: per orientation, mean over variants of per-variant rates, then over orientations
+        [ep("google_robot_pick_coke_can_va", "horizontal", "base", s) for s in (1, 1, 1, 0)]   # 0.75
+        + [ep("google_robot_pick_coke_can_va", "horizontal", "darker", s) for s in (1, 0)]     # 0.5
+        + [ep("google_robot_pick_coke_can_va", "standing", "base", s) for s in (0, 0, 0, 1)]   # 0.25
+        + [ep("widowx_stack_blocks", "all", "base", s) for s in [1] + [0] * 23])
+    got = column_success(summaries)
+    np.testing.assert_allclose(got["google_robot_pick_coke_can_va"], 100 * (0.625 + 0.25) / 2)
+    np.testing.assert_allclose(got["widowx_stack_blocks"], 100 / 24)
+    assert simpler_table(summaries)["google_robot_pick_coke_can_va"] == got["google_robot_pick_coke_can_va"]
+
+
+def test_simpler_grids_match_simplerenv_scripts():
+    sizes = {c: len(simpler_grid(c)) for c in SIMPLER_COLUMNS}
+    assert sizes == {"google_robot_drawer_vm": 216, "google_robot_drawer_va": 378,
+                     "google_robot_pick_coke_can_vm": 300, "google_robot_pick_coke_can_va": 675,
+                     "google_robot_move_near_vm": 240, "google_robot_move_near_va": 480,
+                     "widowx_spoon_on_towel": 24, "widowx_carrot_on_plate": 24, "widowx_stack_blocks": 24}
+    coke = simpler_grid("google_robot_pick_coke_can_va")
+    assert {e["group"] for e in coke} == {"horizontal", "vertical", "standing"}
+    assert len({e["variant"] for e in coke}) == 9 and all(e["max_episode_steps"] == 80 for e in coke)
+    drawer = simpler_grid("google_robot_drawer_vm")
+    assert all(e["env_kwargs"]["shader_dir"] == "rt" and e["max_episode_steps"] == 113 for e in drawer)
+    assert {e["group"] for e in drawer} == {"open", "close"} and len({e["overlay"] for e in drawer}) == 9
+    carrot = simpler_grid("widowx_carrot_on_plate")
+    assert carrot[5]["obj"] == ("episode", 5) and carrot[0]["robot"] == "widowx"
+    assert carrot[0]["overlay"] == "bridge_real_eval_1.png" and carrot[0]["max_episode_steps"] == 60
+    smoke = episode_specs(SimConfig(env="simplerenv", tasks=("google_robot_drawer_va",), episodes=10))
+    assert len(smoke) == 10 and len({e["variant"] for e in smoke}) > 3  # spread over the grid
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(UserError, match="widowx_carrot_on_plate"):
+        episode_specs(SimConfig(env="simplerenv", tasks=("pick_coke",)))
+    with pytest.raises(UserError, match=tabletop.TASKS[0]):
+        episode_specs(SimConfig(env="tabletop", tasks=("no_such_task",)))
+    with pytest.raises(UserError, match="--env"):
+        episode_specs(SimConfig(env="mujoco"))
+    with pytest.raises(UserError, match="pip install"):  # SimplerEnv is optional; this machine has none
+        open_episode(simpler_grid("widowx_carrot_on_plate")[0], SimConfig(env="simplerenv"))
+
+
+class StubManiSkillEnv:
+    """Stands in for a ManiSkill2-real2sim env (no GPU here): records how it was built, reset and driven."""
+    calls = {}
+
+    def __init__(self, name, **kw):
+        self.calls.update(make=(name, kw), actions=[])
+        self.t = 0
+
+    def _obs(self):
+        return {"image": {"overhead_camera": {"rgb": np.full((8, 8, 3), self.t, np.uint8)}}, "agent": {}}
+
+    def reset(self, options=None):
+        self.calls["reset"] = options
+        return self._obs(), {}
+
+    def get_language_instruction(self):
+        return "open top drawer"
+
+    def step(self, action):
+        self.calls["actions"].append(action)
+        self.t += 1
+        return self._obs(), 0.0, self.t >= 2, self.t >= 3, {"episode_stats": {"qpos": np.float32(0.5)}}
+
+
+def test_simplerenv_path_builds_and_resets_like_simplerenv_scripts(tmp_path, monkeypatch):
+    root = tmp_path / "SimplerEnv"
+    (root / "ManiSkill2_real2sim/data/real_inpainting").mkdir(parents=True)
+    (root / "ManiSkill2_real2sim/data/real_inpainting/open_drawer_a0.png").write_bytes(b"")
+    builder = ModuleType("simpler_env.utils.env.env_builder")
+    builder.build_maniskill2_env = StubManiSkillEnv
+    builder.get_robot_control_mode = lambda robot, policy: f"control_mode_of_{robot}"
+    pkg = ModuleType("simpler_env")
+    pkg.__file__ = str(root / "simpler_env" / "__init__.py")
+    for name, mod in (("simpler_env", pkg), ("simpler_env.utils", ModuleType("simpler_env.utils")),
+                      ("simpler_env.utils.env", ModuleType("simpler_env.utils.env")),
+                      ("simpler_env.utils.env.env_builder", builder)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = simpler_grid("google_robot_drawer_vm")[0]
+    cfg = SimConfig(env="simplerenv", out=str(tmp_path / "out"))
+    summaries = sweep({"google_robot": RandomPolicy("google_robot")}, [spec], cfg, "random")
+    name, kw = StubManiSkillEnv.calls["make"]
+    assert name == "OpenTopDrawerCustomInScene-v0" and kw["scene_name"] == "dummy_drawer"
+    assert kw["rgb_overlay_path"] == str(root / "ManiSkill2_real2sim/data/real_inpainting/open_drawer_a0.png")
+    assert (kw["robot"], kw["control_freq"], kw["sim_freq"], kw["max_episode_steps"]) == \
+        ("google_robot_static", 3, 513, 113)
+    assert kw["control_mode"] == "control_mode_of_google_robot_static" and kw["shader_dir"] == "rt"
+    assert kw["urdf_version"] == "None" and kw["station_name"] == "mk_station_recolor"
+    reset = StubManiSkillEnv.calls["reset"]
+    np.testing.assert_allclose(reset["robot_init_options"]["init_xy"], [0.644, -0.179])
+    q = reset["robot_init_options"]["init_rot_quat"]  # euler2quat(0, 0, -0.03) * (0, 0, 0, 1)
+    np.testing.assert_allclose(q, [np.sin(0.015), 0, 0, np.cos(0.015)], atol=1e-12)
+    np.testing.assert_allclose(reset["obj_init_options"]["init_xy"], [0.0, 0.0])
+    acts = StubManiSkillEnv.calls["actions"]
+    assert len(acts) == 3 and all(a.shape == (7,) for a in acts) and acts[0][6] == 0  # relative gripper
+    assert summaries[0]["success"] and summaries[0]["group"] == "open" and summaries[0]["n_steps"] == 3
+    ep = json.loads((tmp_path / "out/rollouts/google_robot_drawer_vm/ep000/episode.json").read_text())
+    assert ep["episode_stats"] == {"qpos": 0.5} and "progress" not in ep and ep["frame_steps"] == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="--simpler-root"):
+        open_episode(simpler_grid("google_robot_drawer_vm")[1], cfg)  # overlay open_drawer_a1.png is missing
+
+
+def test_expert_scores_100_and_random_scores_low_on_tabletop(tmp_path):
+    cfg = SimConfig(env="tabletop", policy="expert", episodes=2, out=str(tmp_path / "expert"), frames=6)
+    expert = run_sim(cfg)
+    assert set(expert["success"]) == set(tabletop.TASKS)
+    assert all(v == 100.0 for v in expert["success"].values()), expert["success"]
+    rnd = run_sim(SimConfig(env="tabletop", policy="random", episodes=2, out=str(tmp_path / "random")))
+    assert np.mean(list(rnd["success"].values())) <= 25.0, rnd["success"]
+    # the rollout of every episode, in the contract's format
+    ep_dir = tmp_path / "expert" / "rollouts" / tabletop.TASKS[0] / "ep001"
+    ep = json.loads((ep_dir / "episode.json").read_text())
+    for key in ("task", "instruction", "seed", "policy", "success", "n_steps", "actions", "reasoning",
+                "generated_tokens", "frames", "frame_steps", "progress", "subtask"):
+        assert key in ep, key
+    assert ep["task"] == tabletop.TASKS[0] and ep["seed"] == 1 and ep["policy"] == "expert" and ep["success"]
+    assert len(ep["actions"]) == len(ep["reasoning"]) == len(ep["progress"]) == ep["n_steps"]
+    assert all(len(a) == 7 for a in ep["actions"]) and ep["generated_tokens"] == 0
+    assert len(ep["frames"]) == len(ep["frame_steps"]) <= 6 and ep["frame_steps"][-1] == ep["n_steps"]
+    assert all((ep_dir / f).is_file() for f in ep["frames"]) and ep["progress"][-1] == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "expert" / "sim_results.json").read_text())
+    assert len(saved["episodes"]) == 2 * len(tabletop.TASKS) and saved["env"] == "tabletop"
+
+
+def test_run_episode_accepts_any_policy_and_video(tmp_path, capsys):
+    env, obs, cams = open_episode(dict(task=tabletop.TASKS[0], seed=3, robot="tabletop"), SimConfig())
+    rollout, images = run_episode(RandomPolicy(seed=1), env, obs, cams, max_steps=5)
+    assert rollout["n_steps"] == 5 and len(images) == 6 and images[0].dtype == np.uint8
+    env, obs, cams = open_episode(dict(task=tabletop.TASKS[0], seed=3, robot="tabletop"), SimConfig())
+    rollout, images = run_episode(ExpertPolicy(), env, obs, cams)  # to the env's own step limit
+    assert rollout["success"] and rollout["n_steps"] == env.max_steps == len(images) - 1
+    p = argparse.ArgumentParser()
+    add_sim_args(p)
+    args = p.parse_args(["--policy", "expert", "--tasks", tabletop.TASKS[0], "--episodes", "1", "--video",
+                         "--out", str(tmp_path)])
+    main_sim(args)
+    assert "| expert | 100.0 | 100.0 |" in capsys.readouterr().out
+    ep_json = tmp_path / "rollouts" / tabletop.TASKS[0] / "ep000" / "episode.json"
+    assert (ep_json.parent / "rollout.gif").is_file()
+    # --resume keeps a stored rollout of the same policy (here doctored to a failure); without it, re-run
+    ep_json.write_text(json.dumps(dict(json.loads(ep_json.read_text()), success=False)))
+    cfg = SimConfig(policy="expert", tasks=(tabletop.TASKS[0],), episodes=1, out=str(tmp_path), resume=True)
+    assert run_sim(cfg)["success"][tabletop.TASKS[0]] == 0.0
+    cfg.resume = False
+    assert run_sim(cfg)["success"][tabletop.TASKS[0]] == 100.0
+
+
+def test_table_prints_paper_rows_next_to_a_run(tmp_path, capsys):
+    res = dict(env="simplerenv", policy="/x/my_ckpt/", success={"widowx_stack_blocks": 12.5})
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    p = argparse.ArgumentParser()
+    add_table_args(p)
+    main_table(p.parse_args(["--sim", str(tmp_path / "r.json")]))
+    out = capsys.readouterr().out
+    assert "| DualVLA (paper) | 63.9 | 64.0 | 93.3 | 82.7 | 60.9 | 75.3 | 50.0 | 50.0 | 8.3 | 61.0 |" in out
+    assert "| OpenVLA (paper) | – |" in out and "27.2 |" in out
+    assert "| my_ckpt | – | – | – | – | – | – | – | – | 12.5 | – |" in out
+    with pytest.raises(UserError, match="no such file"):
+        main_table(p.parse_args(["--sim", str(tmp_path / "missing.json")]))
+
+
+def test_policy_on_tiny_checkpoint_runs_tabletop_episode(tmp_path):
+    backbone = build_tiny(str(tmp_path / "tiny"))
+    model = DualVLA(VLAConfig(backbone=backbone, image_size=56, chunk=4, max_reasoning_tokens=4))
+    model.set_action_stats(data.action_stats(np.random.default_rng(0).normal(size=(64, 7))))
+    ckpt = model.save_pretrained(str(tmp_path / "ckpt"))
+    pol = Policy(ckpt, "widowx_bridge", exec_horizon=2, device="cpu")
+    env, obs, cams = open_episode(dict(task=tabletop.TASKS[0], seed=0, robot="tabletop"), SimConfig())
+    rollout, _ = run_episode(pol, env, obs, cams, max_steps=4)
+    assert rollout["n_steps"] == 4 and np.isfinite(rollout["actions"]).all()
+    assert 2 <= rollout["generated_tokens"] <= 2 * 5  # two model calls, at most 4 reasoning tokens + <|act|> each
+    bad = DualVLA(VLAConfig(backbone=backbone, image_size=56, action_dim=6))
+    with pytest.raises(UserError, match="6-D"):
+        Policy(bad.save_pretrained(str(tmp_path / "bad")), device="cpu")
+
+
+# ============================================================================= evaluate.py mm
+
+# VLMEvalKit's MMBench column order
+MMB_HEADER = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category", "split"]
+OPTS = {"A": "red cube", "B": "green sphere", "C": "blue cone", "D": "yellow cylinder"}
+
+
+def b64_png(color, size=(8, 8)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+class Answerer:
+    """Stand-in for DualVLA.generate_answers: answers by a function of (images, prompt), logs calls."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def generate_answers(self, images, questions, max_new_tokens=32):
+        assert all(isinstance(im, Image.Image) and im.mode == "RGB" for ims in images for im in ims)
+        self.calls.append(dict(n=len(questions), questions=list(questions), max_new_tokens=max_new_tokens,
+                               sizes=[[im.size for im in ims] for ims in images]))
+        return [self.answer(ims, q) for ims, q in zip(images, questions)]
+
+
+def test_read_tsv_real_columns_image_reuse_multi_image_and_large_fields(tmp_path):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    assert len(big) > 131072  # above csv's default field limit
+    two = repr([b64_png("red"), b64_png("blue", (16, 12))])  # MMMU: a python-list string of base64 images
+    path = write_tsv(tmp_path / "MMStar.tsv", MMB_HEADER, [
+        [0, "What colour is the cube?", "Look at the table.", *OPTS.values(), "A", "colour", big, "perception", ""],
+        [1, "Which shape is round?", "", "cone", "sphere", "", "", "B", "shape", "0", "perception", ""],
+        [2, "Compare <image 1> and <image 2>.", "", "same", "different", "", "", "B", "compare", two, "reasoning",
+         "validation"],
+        [3, "No image here", "", "x", "y", "", "", "A", "none", "", "", ""],  # dropped, as VLMEvalKit does
+    ])
+    rows = read_tsv(path)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert np.array_equal(np.asarray(row_images(rows[1])[0]), np.asarray(noise))  # "0" reuses row 0's image
+    assert [im.size for im in row_images(rows[2])] == [(8, 8), (16, 12)]
+    assert rows[1]["options"] == {"A": "cone", "B": "sphere"} and rows[1]["hint"] is None
+    assert rows[2]["l2_category"] == "reasoning" and rows[2]["split"] == "validation"
+    assert mm_prompt(rows[0], "mcq") == (
+        "Hint: Look at the table.\nQuestion: What colour is the cube?\nOptions:\nA. red cube\nB. green sphere\n"
+        "C. blue cone\nD. yellow cylinder\nPlease select the correct answer from the options above. \n")
+    assert mm_prompt(rows[1], "mcq") == ("Question: Which shape is round?\nOptions:\nA. cone\nB. sphere\n"
+                                            "Please select the correct answer from the options above. \n")
+    assert mm_prompt(rows[1], "vqa") == "Which shape is round?\nAnswer the question using a single word or phrase."
+    assert mm_prompt(rows[1], "yn") == "Which shape is round?\nPlease answer yes or no."
+    assert mm_prompt(rows[1], "open") == "Which shape is round?"
+
+
+def test_read_tsv_bad_input_names_file_row_and_column(tmp_path):
+    img = b64_png("red")
+    p = write_tsv(tmp_path / "noq.tsv", ["index", "image", "answer"], [[0, img, "A"]])
+    with pytest.raises(DataError, match=r"noq\.tsv: no 'question' column"):
+        read_tsv(p)
+    p = write_tsv(tmp_path / "noans.tsv", ["index", "image", "question"], [[0, img, "q"]])
+    with pytest.raises(DataError, match="no 'answer' column"):
+        read_tsv(p)
+    header = ["index", "image", "question", "A", "B", "answer"]
+    p = write_tsv(tmp_path / "empty.tsv", header, [[0, img, "q", "x", "y", "A"], [1, img, "q", "x", "y", " "]])
+    with pytest.raises(DataError, match=r"empty\.tsv: row 2 \(index 1\), column 'answer': empty"):
+        read_tsv(p)
+    p = write_tsv(tmp_path / "b64.tsv", header, [[0, "!!not base64!!" * 10, "q", "x", "y", "A"]])
+    with pytest.raises(DataError, match=r"b64\.tsv: row 1 \(index 0\), column 'image'"):
+        read_tsv(p)
+    p = write_tsv(tmp_path / "notimg.tsv", header, [[0, base64.b64encode(b"hello" * 30).decode(), "q", "x", "y", "A"]])
+    with pytest.raises(DataError, match="row 1 .*column 'image': not a base64-encoded image"):
+        read_tsv(p)
+    p = write_tsv(tmp_path / "reuse.tsv", header, [[0, img, "q", "x", "y", "A"], [1, "7", "q", "x", "y", "A"]])
+    with pytest.raises(DataError, match=r"row 2 \(index 1\), column 'image': '7' is not the index"):
+        read_tsv(p)
+    p = write_tsv(tmp_path / "badans.tsv", header, [[0, img, "q", "x", "y", "E"]])
+    with pytest.raises(DataError, match=r"badans\.tsv: row 1 \(index 0\), column 'answer': 'E' is not one"):
+        select_rows(read_tsv(p), "accuracy", MMConfig(), p)
+
+
+def test_extract_choice_hand_cases():
+    cases = {
+        "C": "C",
+        "The answer is B.": "B",
+        "Answer: (C)": "C",
+        "**D**": "D",
+        "A and B": None,                 # two letters: no pick
+        "b": None,                       # a lone lowercase letter is not read as an option
+        "the answer is b": "B",          # ... but "answer is x" is, in any case
+        "It is a blue cone": "C",        # the one option text the answer contains
+        "the red cube or the green sphere": None,  # two option texts
+        "": None,
+        "C is correct because the cone is blue and pointed": None,  # letter not among the last 4 tokens
+        "Cannot determine the answer": None,   # VLMEvalKit's refusal 'Z'
+        "Z": None,
+        "The answer is dog": None,       # VLMEvalKit reads D here (no word boundary); we do not
+    }
+    for pred, want in cases.items():
+        assert extract_choice(pred, OPTS) == want, pred
+    assert extract_choice("The answer is a cat", OPTS) == "A"  # the article: VLMEvalKit reads A too
+    long = "blue cone " * 20                                        # over twice the options' text length
+    assert extract_choice(long, OPTS) is None
+
+
+def test_vqa_accuracy_normalisation_and_leave_one_out():
+    answers = ["two"] * 3 + ["three"] * 7
+    # 3 of 10 humans said "two": leave-one-out subsets with 2 matches (3 of them) give 2/3, the other 7 give 1
+    assert vqa_accuracy("2", answers) == pytest.approx((3 * 2 / 3 + 7) / 10)  # 0.9
+    assert vqa_accuracy("Two.", answers) == pytest.approx(0.9)                 # number word, case, period
+    assert vqa_accuracy("3", answers) == pytest.approx(1.0)
+    assert vqa_accuracy("two", ["two"] + ["x"] * 9) == pytest.approx(0.3)      # 9 subsets × 1/3 / 10
+    assert vqa_accuracy("dont", ["don't"] * 10) == 1.0                          # contractions restored
+    assert vqa_accuracy("1,000", ["1000"] * 10) == 1.0                          # digit comma dropped
+    assert vqa_accuracy("the New-York", ["new york"] * 10) == 1.0               # article, inner hyphen -> space
+    assert vqa_accuracy("", ["cat"] * 10) == 0.0
+    assert vqa_accuracy("A cat", ["cat"]) == 1.0                                # one reference: exact match
+    assert normalize_vqa_answer("  An Apple, please!\n") == "apple please"
+    assert normalize_vqa_answer("3.5") == "3.5"                                 # period between digits kept
+
+
+def test_anls_hand_cases():
+    assert anls("hallo", ["hello"]) == pytest.approx(0.8)         # 1 edit / 5
+    assert anls("abxy", ["abcd"]) == pytest.approx(0.5)           # exactly at the threshold: kept
+    assert anls("abxyz", ["abcde"]) == 0.0                        # 0.4 < 0.5
+    assert anls("cat", ["dog", "cats"]) == pytest.approx(0.75)    # best answer
+    assert anls("  Total   AMOUNT ", ["total amount"]) == 1.0     # case and whitespace
+    assert anls("", ["abc"]) == 0.0
+
+
+def test_ocrbench_hit_and_yes_no():
+    assert ocrbench_hit("The sign says HELLO world", ["hello"], "Regular Text Recognition")
+    assert not ocrbench_hit("hell", ["hello"], "Regular Text Recognition")
+    assert ocrbench_hit("x ^ 2 + 1", ["x^2+1"], "Handwritten Mathematical Expression Recognition")
+    assert not ocrbench_hit("X^2+1", ["x^2+1"], "Handwritten Mathematical Expression Recognition")  # case kept
+    assert extract_yes_no("Yes, it is.") == "Yes"
+    assert extract_yes_no("no") == "No"
+    assert extract_yes_no("yes and no") is None and extract_yes_no("") is None
+
+
+def test_circular_evaluation_on_a_rotated_question(tmp_path):
+    img = b64_png("blue")
+    texts = list(OPTS.values())
+    rows = []
+    for k in range(4):  # rotation k shifts the options by k; the right answer "blue cone" moves with it
+        rot = texts[k:] + texts[:k]
+        answer = "ABCD"[rot.index("blue cone")]
+        rows.append([7 + k * 1_000_000, "What is blue?", "", *rot, answer, "attribute", img if k == 0 else "7",
+                     "perception", "dev"])
+    rows.append([8, "What is red?", "", *texts, "A", "attribute", "7", "perception", "dev"])
+    write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMB_HEADER, rows)
+    cfg = MMConfig(bench="MMBench_DEV_EN", data_root=str(tmp_path), out=str(tmp_path / "run"), batch_size=3)
+
+    by_text = Answerer(lambda ims, q: "blue cone")          # right on every rotation of 7, wrong on 8
+    s = evaluate_mm(by_text, cfg)["benchmarks"]["MMBench_DEV_EN"]
+    assert (s["score"], s["n"], s["n_rows"]) == (50.0, 2, 5)
+    assert s["categories"] == {"attribute": 50.0} and s["l2-categories"] == {"perception": 50.0}
+    assert [c["n"] for c in by_text.calls] == [3, 2]
+
+    by_letter = Answerer(lambda ims, q: "C")                # right on rotation 0 only
+    s = evaluate_mm(by_letter, cfg)["benchmarks"]["MMBench_DEV_EN"]
+    assert s["score"] == 0.0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "eval" / "mm" / "MMBench_DEV_EN.jsonl")]
+    assert [x["hit"] for x in lines] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert [x["circular_hit"] for x in lines] == [0.0] * 5
+    assert lines[1] == dict(index=1000007, prediction="C", extracted="C", hit=0.0, answer="B", circular_hit=0.0)
+    # a rotated copy without its unrotated row is not a question of its own
+    fake = [dict(index=i) for i in (5, 1000005, 2000006)]
+    assert circular_hits(fake, [1.0, 1.0, 1.0]) == {5: 1.0}
+    assert circular_hits(fake, [1.0, 0.0, 1.0]) == {5: 0.0}
+
+
+def _demo_root(root):
+    img, img2 = b64_png("red"), b64_png("green", (12, 10))
+    write_tsv(root / "OCRBench.tsv", ["index", "image", "question", "answer", "category"], [
+        [0, img, "what is written in the image?", "['STOP', 'stop sign']", "Regular Text Recognition"],
+        [1, "0", "Write the expression.", "['x^2']", "Handwritten Mathematical Expression Recognition"]])
+    write_tsv(root / "MMVet.tsv", ["index", "image", "question", "answer", "category"], [
+        [0, img, "What colour is the sign?", "red", "rec"],
+        [1, "0", "What is x?", "-1<AND>-5", "rec,math"]])
+    write_tsv(root / "TextVQA_VAL.tsv", ["index", "image", "question", "answer"], [
+        [0, img, "what number is shown?", repr(["two"] * 3 + ["three"] * 7)]])
+    write_tsv(root / "DocVQA_VAL.tsv", ["index", "image", "question", "answer"], [
+        [0, img, "what is the title?", repr(["hello"])]])
+    write_tsv(root / "MMMU_DEV_VAL.tsv", ["index", "image", "question", "A", "B", "answer", "category", "split"], [
+        [0, img, "dev question", "x", "y", "A", "Math", "dev"],
+        [1, repr([img, img2]), "Which differs, <image 1> or <image 2>?", "first", "second", "B", "Art", "validation"],
+        [2, img, "What is 6 times 7?", "", "", "42", "Math", "validation"]])
+    write_tsv(root / "TabletopYN.tsv", ["index", "image", "question", "answer"], [
+        [0, img, "Is the block red?", "Yes"], [1, img2, "Is the block red?", "No"]])
+
+
+def test_end_to_end_with_a_stand_in_answerer(tmp_path):
+    _demo_root(tmp_path)
+    replies = {"what is written in the image?": "It says stop.", "Write the expression.": "X ^ 2",
+               "What colour is the sign?": "Red.", "What is x?": "x = -1",
+               "what number is shown?\nAnswer the question using a single word or phrase.": "Two",
+               "what is the title?\nAnswer the question using a single word or phrase.": "hallo",
+               "Which differs": "B", "What is 6 times 7?": "The result is 42",
+               "Is the block red?\nPlease answer yes or no.": "Yes"}
+    model = Answerer(lambda ims, q: next(v for k, v in replies.items() if k in q))
+    out = tmp_path / "run"
+    cfg = MMConfig(bench="OCRBench,MMVet,TextVQA_VAL,DocVQA_VAL,MMMU_DEV_VAL,TabletopYN", data_root=str(tmp_path),
+                   out=str(out), batch_size=2)
+    summary = evaluate_mm(model, cfg)
+    b = summary["benchmarks"]
+    assert b["OCRBench"]["score"] == 50.0 and b["OCRBench"]["hits"] == 1      # math keeps case: "X^2" misses
+    assert b["MMVet"]["score"] is None and b["MMVet"]["status"].startswith("not scored")
+    assert b["TextVQA_VAL"]["score"] == pytest.approx(90.0)
+    assert b["DocVQA_VAL"]["score"] == pytest.approx(80.0)
+    assert b["MMMU_DEV_VAL"]["score"] == 100.0 and b["MMMU_DEV_VAL"]["n"] == 2  # validation rows only
+    assert b["MMMU_DEV_VAL"]["categories"] == {"Art": 100.0, "Math": 100.0}
+    assert b["TabletopYN"]["score"] == 50.0
+    asked = [q for c in model.calls for q in c["questions"]]
+    assert not any("dev question" in q for q in asked)
+    assert "Question: What is 6 times 7?\n" in asked                          # open MMMU question: no options
+    assert [c["max_new_tokens"] for c in model.calls if "Is the block" in c["questions"][0]] == [8]
+    assert max(c["n"] for c in model.calls) == 2
+    assert [(8, 8), (12, 10)] in [s for c in model.calls for s in c["sizes"]]  # MMMU's two images, in order
+    avg = summary["average"]
+    assert avg["score"] is None and set(avg["missing"]) == {"MMVet", "MMStar", "MMBench_DEV_EN_V11", "InfoVQA_VAL"}
+    assert avg["partial"] == pytest.approx((50 + 90 + 80 + 100) / 4)
+    mm = out / "eval" / "mm"
+    assert json.loads((mm / "summary.json").read_text()) == summary
+    lines = [json.loads(x) for x in open(mm / "MMVet.jsonl")]
+    assert lines[0] == dict(index=0, prediction="Red.", extracted=None, hit=None, answer="red")
+    pred = list(csv.DictReader(open(mm / "OCRBench_pred.tsv", newline=""), delimiter="\t"))
+    assert [p["prediction"] for p in pred] == ["It says stop.", "X ^ 2"] and "image" not in pred[0]
+    table = mm_table(summary)
+    assert "| MMVet | judge | 2 | not scored" in table and "DualVLA 65.4" in table and "InstructVLA-G 65.5" in table
+
+    prompts = []
+
+    def judge(prompt):
+        prompts.append(prompt)
+        return "0.5" if prompt.endswith("What is x? | -1 <AND> -5 | x = -1 | ") else "1.0"
+
+    summary = evaluate_mm(model, MMConfig(bench="MMVet", data_root=str(tmp_path), out=str(out)), judge=judge)
+    b = summary["benchmarks"]
+    assert b["MMVet"]["score"] == pytest.approx(75.0)
+    assert b["MMVet"]["categories"] == {"math": 50.0, "rec": 75.0}
+    assert prompts[0].endswith("What colour is the sign? | red | Red. | ")
+    assert b["OCRBench"]["score"] == 50.0                                     # earlier results kept
+    bad = evaluate_mm(model, MMConfig(bench="MMVet", data_root=str(tmp_path), out=str(tmp_path / "r2")),
+                      judge=lambda p: "great answer")                         # unparsable: 0, like VLMEvalKit
+    assert bad["benchmarks"]["MMVet"]["score"] == 0.0
+
+
+def test_unknown_benchmark_missing_file_and_cli_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown benchmark 'MMBench' .*MMBench_DEV_EN_V11.*TabletopVQA"):
+        parse_bench("MMStar,MMBench")
+    with pytest.raises(UserError, match="no TSV for MMStar: .*MMStar.tsv does not exist"):
+        tsv_path(str(tmp_path), "MMStar")
+    p = add_mm_args(argparse.ArgumentParser())
+    with pytest.raises(UserError, match="unknown benchmark 'Nope'"):
+        main_mm(p.parse_args(["--ckpt", str(tmp_path), "--bench", "Nope"]))
+    _demo_root(tmp_path)
+    with pytest.raises(UserError, match="checkpoint folder not found"):
+        main_mm(p.parse_args(["--ckpt", str(tmp_path / "none"), "--bench", "TabletopYN", "--data-root", str(tmp_path)]))
+
+
+def test_tiny_model_over_the_tabletop_demo_tsvs(tmp_path, capsys):
+    data_root = tmp_path / "LMUData"
+    write_benchmarks(str(data_root), n=4)
+    model = DualVLA(VLAConfig(backbone=build_tiny(str(tmp_path / "tiny")), image_size=56))
+    ckpt = model.save_pretrained(str(tmp_path / "ckpt"))
+    args = add_mm_args(argparse.ArgumentParser()).parse_args(
+        ["--ckpt", ckpt, "--bench", "TabletopMCQ,TabletopYN,TabletopVQA", "--data-root", str(data_root),
+         "--batch-size", "3", "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"])
+    summary = main_mm(args)
+    b = summary["benchmarks"]
+    assert [b[n]["n"] for n in ("TabletopMCQ", "TabletopYN", "TabletopVQA")] == [3, 3, 3]
+    assert all(0.0 <= x["score"] <= 100.0 for x in b.values())
+    assert summary["average"]["score"] is None and len(summary["average"]["missing"]) == 8
+    lines = [json.loads(x) for x in open(os.path.join(ckpt, "eval", "mm", "TabletopMCQ.jsonl"))]
+    assert [x["index"] for x in lines] == [0, 1, 2]
+    assert all(isinstance(x["prediction"], str) and x["extracted"] in (None, "A", "B", "C", "D") for x in lines)
+    assert "| TabletopMCQ | accuracy | 3 |" in capsys.readouterr().out
+
+
+# ============================================================================= evaluate.py vla-score
+
+def chat(content):
+    """A chat-completions reply body."""
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+GOOD = '```json\n{"Thought": "fine", "Result": {"Action": 8, "Intention": 9, "Reasoning": 7, "Alignment": 6}}\n```'
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Speaks /v1/chat/completions from a script of (status, headers, body, delay) replies; records requests."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        status = self.server.models_status
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(b'{"data": []}')
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.requests.append((self.path, dict(self.headers), json.loads(body)))
+        status, headers, payload, delay = (self.server.replies.pop(0) if self.server.replies
+                                           else (200, {}, chat(GOOD), 0))
+        time.sleep(delay)
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+            pass
+
+
+@contextmanager
+def chat_server(replies, models_status=200):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.replies, server.requests, server.models_status = list(replies), [], models_status
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def solid(rgb, size=32):
+    return Image.new("RGB", (size, size), rgb)
+
+
+def write_rollout(root, task, seed, policy, success, actions, reasoning, progress, subtask, colour):
+    d = Path(root) / policy / task / f"ep{seed:03d}"
+    d.mkdir(parents=True)
+    n = len(actions)
+    frames = []
+    for k, step in enumerate(range(0, n, max(1, n // 4))):
+        name = f"frame_{k:03d}.png"
+        shade = tuple(int(c * (0.7 + 0.3 * step / n)) for c in colour)
+        solid(shade).save(d / name)
+        frames.append((name, step))
+    ep = dict(task=task, instruction=f"pick up the {task} object", seed=seed, policy=policy, success=success,
+              n_steps=n, actions=np.asarray(actions).tolist(), reasoning=reasoning, generated_tokens=0,
+              frames=[f for f, _ in frames], frame_steps=[s for _, s in frames], progress=progress, subtask=subtask)
+    (d / "episode.json").write_text(json.dumps(ep))
+    return d
+
+
+def expert_rollout(root, task, seed, colour):
+    """Expert-like: smooth moves that follow the MOVE words, SUBTASK = truth, progress rising to 1, success."""
+    phases = [("reach the can", "move right", [0.02, 0, 0]), ("lower to the can", "move down", [0, 0, -0.02]),
+              ("grasp the can", "close gripper", [0, 0, 0]), ("lift the can", "move up", [0, 0, 0.02])]
+    actions, reasoning, subtask = [], [], []
+    for k, (sub, move, d) in enumerate(phases):
+        for _ in range(5):
+            actions.append(d + [0, 0, 0, 0.0 if k >= 2 else 1.0])
+            reasoning.append(f"TASK: pick up the can. PLAN: reach, lower, grasp, lift. SUBTASK REASONING: next. "
+                             f"SUBTASK: {sub}. MOVE REASONING: go. MOVE: {move}. GRIPPER POSITION: [10, 10]")
+            subtask.append(sub)
+    return write_rollout(root, task, seed, "expert", True, actions, reasoning,
+                         list(np.linspace(0.05, 1, len(actions))), subtask, colour)
+
+
+def random_rollout(root, task, seed, colour):
+    rng = np.random.default_rng(seed)
+    actions = np.concatenate([rng.uniform(-0.05, 0.05, (20, 6)), rng.integers(0, 2, (20, 1))], 1)
+    reasoning = [f"TASK: pick up the can. SUBTASK: {rng.choice(['open the drawer', 'wave'])}. "
+                 f"MOVE: move {rng.choice(['left', 'right', 'up', 'down'])}" for _ in range(20)]
+    subtask = ["reach the can"] * 10 + ["grasp the can"] * 10
+    return write_rollout(root, task, seed, "random", False, actions, reasoning, [0.0] * 20, subtask, colour)
+
+
+def tabletop_rollout(root, task, seed, policy):
+    """A rollout of tabletop's env in the contract's format, with the expert's reasoning for the current
+    state at every step; the actions are the expert's, or random ones (reasoning right, actions not)."""
+    env, rng = tabletop.make(task, seed=seed), np.random.default_rng(seed)
+    obs, _ = env.reset()
+    cam = env.camera_names[0]
+    frames, actions, reasoning, progress, subtask = [obs["image"][cam]["rgb"]], [], [], [], []
+    success = truncated = False
+    while not (success or truncated):
+        a = tabletop.expert_action(env)
+        reasoning.append(reasoning_text(tabletop.step_reasoning(env, a)))
+        if policy == "random":
+            a = np.r_[rng.uniform(-0.05, 0.05, 3), 0, 0, 0, rng.integers(0, 2)].astype(np.float32)
+        obs, _, success, truncated, info = env.step(a)
+        actions.append(a.tolist())
+        progress.append(info["progress"])
+        subtask.append(info["subtask"])  # reported after the step, as evaluate.py sim records it
+        frames.append(obs["image"][cam]["rgb"])
+    d = Path(root) / policy / task / f"ep{seed:03d}"
+    d.mkdir(parents=True)
+    steps = vs.subsample(list(range(len(frames))), 4)
+    for k, s in enumerate(steps):
+        Image.fromarray(frames[s]).save(d / f"frame_{k:03d}.png")
+    (d / "episode.json").write_text(json.dumps(dict(
+        task=task, instruction=env.get_language_instruction(), seed=seed, policy=policy, success=bool(success),
+        n_steps=len(actions), actions=actions, reasoning=reasoning, generated_tokens=0,
+        frames=[f"frame_{k:03d}.png" for k in range(len(steps))], frame_steps=steps, progress=progress,
+        subtask=subtask)))
+
+
+def tiny_clip(path):
+    """A random tiny CLIP saved with its (PIL-backend-capable) image processor."""
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, vocab_size=99, max_position_embeddings=32),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def score_args(**kw):
+    p = argparse.ArgumentParser()
+    vs.add_score_args(p)
+    argv = []
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return p.parse_args(argv)
+
+
+def cfg_for(url, **kw):
+    return vs.ScoreConfig(base_url=url, model="judge-x", timeout=kw.pop("timeout", 5.0), backoff=0.01, **kw)
+
+
+# ----------------------------------------------------------------------------- Eq. 8
+
+def test_vla_score_hand_computed():
+    assert vs.vla_score(10, 10, 10, 10, True) == pytest.approx(100)
+    assert vs.vla_score(None, 10, 10, None, True, reasoning=False) == pytest.approx(100)
+    assert vs.vla_score(10, 10, 10, 10, False) == 0
+    assert vs.vla_score(None, 9, 9, None, False, reasoning=False) == 0
+    # ((0.8 + 0.6·0.5) / 2) · 0.9 = 0.495
+    assert vs.vla_score(8, 6, 5, 9, True) == pytest.approx(49.5)
+    # specialist: A·I·RA·B, RA = 1 when not judged; R is ignored
+    assert vs.vla_score(2, 6, 5, None, True, reasoning=False) == pytest.approx(30.0)
+    assert vs.vla_score(None, 6, 5, 5, True, reasoning=False) == pytest.approx(15.0)
+    # the same scores, other formula: ((0 + 0.3)/2) · 1 = 0.15 vs 0.3
+    assert vs.vla_score(0, 6, 5, 10, True) == pytest.approx(15.0)
+    with pytest.raises(ValueError):
+        vs.vla_score(8, 11, 5, 9, True)
+    with pytest.raises(ValueError):
+        vs.vla_score(8, 6, 5, None, True)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def test_parse_judgement_formats():
+    j = vs.parse_judgement(GOOD)
+    assert j["scores"] == {"Action": 8, "Intention": 9, "Reasoning": 7, "Alignment": 6}
+    assert j["thought"] == "fine" and j["clipped"] == [] and j["parsed_from"] == "json"
+    prose = ('Sure! Here is my evaluation {of the robot}: {"Thought": "ok {nested}", "Result": '
+             '{"Action": "7", "Intention": "8/10", "Reasoning": 6.5, "Alignment": "9"}} Hope it helps.')
+    assert vs.parse_judgement(prose)["scores"] == {"Action": 7, "Intention": 8, "Reasoning": 6.5, "Alignment": 9}
+    flat = '{"action": 3, "intention": 4}'
+    assert vs.parse_judgement(flat, reasoning=False)["scores"] == {"Action": 3, "Intention": 4}
+    with pytest.raises(vs.JudgementError):
+        vs.parse_judgement(flat, reasoning=True)  # a reasoning VLA needs R and RA too
+    j = vs.parse_judgement('{"Result": {"Action": 12, "Intention": -1, "Reasoning": 10, "Alignment": 0}}')
+    assert j["scores"] == {"Action": 10, "Intention": 0, "Reasoning": 10, "Alignment": 0}
+    assert sorted(j["clipped"]) == ["Action", "Intention"]
+    j = vs.parse_judgement("**Action**: 7\n**Intention** = 8/10\nReasoning: 5\nAlignment: 4")
+    assert j["scores"] == {"Action": 7, "Intention": 8, "Reasoning": 5, "Alignment": 4}
+    assert j["parsed_from"] == "text"
+    for bad in ("I cannot judge this video.", '{"Result": {"Action": "good"}}', "", None):
+        with pytest.raises(vs.JudgementError):
+            vs.parse_judgement(bad)
+
+
+def test_reasoning_fields_and_move():
+    f = vs.reasoning_fields("TASK: pick. SUBTASK REASONING: because. SUBTASK: reach it. MOVE REASONING: x. MOVE: move left up")
+    assert f == {"TASK": "pick.", "SUBTASK REASONING": "because.", "SUBTASK": "reach it.",
+                 "MOVE REASONING": "x.", "MOVE": "move left up"}
+    a = np.array([-0.1, -0.1, 0.1, 0, 0, 0, 1.0])  # tabletop: left = -x, forward = -y, up = +z
+    assert vs.move_agrees("Move left forward up.", a) is True
+    assert vs.move_agrees("move right", a) is False
+    assert vs.move_agrees("move backward", a) is False
+    assert vs.move_agrees("close gripper", a) is False
+    assert vs.move_agrees("ponder", a) is None
+
+
+# ----------------------------------------------------------------------------- the openai backend
+
+def test_openai_request_body_retries_and_retry_after(monkeypatch):
+    waits = []
+    monkeypatch.setattr(vs.time, "sleep", waits.append)
+    replies = [(429, {"Retry-After": "7"}, b"slow down", 0), (500, {}, b"oops", 0), (200, {}, chat(GOOD), 0)]
+    with chat_server(replies) as (server, url):
+        cfg = cfg_for(url, retries=3)
+        ims = [solid((255, 0, 0), 20), solid((0, 0, 255), 24)]
+        answer = vs.openai_chat("score this. Answer with JSON only", ims, cfg, "sk-test", system=vs.JUDGE_ROLE)
+    assert answer == GOOD
+    assert [w for w in waits if w] == [7.0, 0.02]  # Retry-After honoured, then backoff · 2^1 (0s: other threads)
+    assert len(server.requests) == 3
+    path, headers, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert body["model"] == "judge-x" and body["temperature"] == 0
+    assert body["messages"][0] == {"role": "system", "content": vs.JUDGE_ROLE}
+    content = body["messages"][1]["content"]
+    assert content[0] == {"type": "text", "text": "score this. Answer with JSON only"}
+    urls = [c["image_url"]["url"] for c in content[1:]]
+    assert all(u.startswith("data:image/png;base64,") for u in urls)
+    sizes = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size for u in urls]
+    assert sizes == [(20, 20), (24, 24)]
+
+
+def test_openai_timeout_malformed_and_fatal_errors():
+    replies = [(200, {}, chat(GOOD), 0.6),                 # too slow: the client times out
+               (200, {}, b"<html>not json</html>", 0),
+               (200, {}, b'{"object": "chat.completion"}', 0),  # no choices
+               (200, {}, chat(None), 0),                   # no content
+               (200, {}, chat(GOOD), 0)]
+    with chat_server(replies) as (server, url):
+        t0 = time.time()
+        assert vs.openai_chat("x", [], cfg_for(url, retries=4, timeout=0.2), "k") == GOOD
+        assert len(server.requests) == 5 and time.time() - t0 < 3
+    with chat_server([(200, {}, b"garbage", 0)] * 3) as (server, url):
+        with pytest.raises(vs.JudgeError, match="malformed reply"):
+            vs.openai_chat("x", [], cfg_for(url, retries=2), "k")
+        assert len(server.requests) == 3
+    with chat_server([(400, {}, b'{"error": "bad model"}', 0)]) as (server, url):
+        with pytest.raises(vs.JudgeError, match="HTTP 400"):
+            vs.openai_chat("x", [], cfg_for(url, retries=3), "k")
+        assert len(server.requests) == 1  # a client error is not retried
+
+
+def test_make_judge_bad_setup(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(UserError, match=r"\$NO_SUCH_KEY_VAR"):
+        vs.make_judge(vs.ScoreConfig(api_key_env="NO_SUCH_KEY_VAR"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with chat_server([]) as (_, url):
+        dead = url  # the port is closed once the server is gone
+    t0 = time.time()
+    with pytest.raises(UserError, match="cannot reach the judge endpoint"):
+        vs.make_judge(vs.ScoreConfig(base_url=dead))
+    assert time.time() - t0 < 5
+    with chat_server([], models_status=401) as (_, url):
+        with pytest.raises(UserError, match="rejected the API key"):
+            vs.make_judge(vs.ScoreConfig(base_url=url))
+    with pytest.raises(UserError, match="oracle"):
+        vs.make_judge(vs.ScoreConfig(judge="oracle"))("a question", [])
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+def write_kb(tmp_path, entries):
+    lines = []
+    for n, (instruction, colour) in enumerate(entries):
+        names = []
+        for k in range(3):
+            name = f"kb_{n}_{k}.png"
+            solid(tuple(int(c * (0.8 + 0.1 * k)) for c in colour)).save(tmp_path / name)
+            names.append(name)
+        lines.append(json.dumps(dict(task=f"t{n}", instruction=instruction, frames=names, thought=f"thought {n}",
+                                     scores={"Reasoning": 5, "Action": 6, "Intention": 7, "Alignment": 8})))
+    (tmp_path / "kb.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "kb.jsonl"
+
+
+def test_dual_retrieval_and_cache(tmp_path):
+    kb_path = write_kb(tmp_path, [("pick up the red soda can", (220, 30, 30)),
+                                  ("put the carrot on the plate", (30, 200, 40)),
+                                  ("open the top drawer of the cabinet", (30, 40, 210))])
+    kb = vs.load_kb(kb_path)
+    cfg = vs.ScoreConfig(text_embedder=vs.default_text_embedder(), image_embedder=tiny_clip(tmp_path / "clip"))
+    embed_text, embed_image = vs.text_embedder(cfg.text_embedder), vs.image_embedder(cfg.image_embedder)
+    kb_text, kb_scene = vs.kb_embeddings(kb_path, kb, cfg, embed_text, embed_image)
+    assert kb_text.shape == (3, 384) and kb_scene.shape == (3, 16)
+    query_text = embed_text(["grab the red can"])[0]
+    query_scene = vs.trajectory_embedding(embed_image, [solid((30, 40, 200)), solid((28, 36, 190))], cfg.n_frames)
+    assert vs.retrieve(query_text, query_scene, kb_text, kb_scene) == (0, 2)
+    # same entry best on both: the scene example moves to the runner-up
+    task, scene = vs.retrieve(kb_text[2], kb_scene[2], kb_text, kb_scene)
+    assert task == 2 and scene != 2
+    # second call: from the npz cache, no embedding at all
+    def boom(_):
+        raise AssertionError("embedded again")
+    t2, s2 = vs.kb_embeddings(kb_path, kb, cfg, boom, boom)
+    assert np.allclose(t2, kb_text) and np.allclose(s2, kb_scene)
+    assert len(list(tmp_path.glob("kb.jsonl.emb-*.npz"))) == 1
+
+
+def test_kb_and_rollout_bad_input(tmp_path):
+    kb_path = write_kb(tmp_path, [("a", (1, 2, 3)), ("b", (4, 5, 6))])
+    lines = kb_path.read_text().splitlines()
+    row = json.loads(lines[1])
+    del row["scores"]["Alignment"]
+    kb_path.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"kb.jsonl line 2: field 'scores.Alignment'"):
+        vs.load_kb(kb_path)
+    del row["thought"]
+    kb_path.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"line 2: missing field 'thought'"):
+        vs.load_kb(kb_path)
+    d = expert_rollout(tmp_path / "ro", "pick", 0, (200, 0, 0))
+    ep = json.loads((d / "episode.json").read_text())
+    del ep["success"]
+    (d / "episode.json").write_text(json.dumps(ep))
+    with pytest.raises(DataError, match=r"episode.json: missing field 'success'"):
+        vs.read_rollouts(tmp_path / "ro")
+    # main_score stops on the KB before anything is judged or written
+    d2 = tmp_path / "ro2"
+    expert_rollout(d2, "pick", 0, (200, 0, 0))
+    with pytest.raises(DataError, match="missing field 'thought'"):
+        vs.main_score(score_args(rollouts=d2, kb=kb_path, judge="oracle", out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def test_oracle_ranks_expert_above_random_end_to_end(tmp_path):
+    colours = {"pick": (210, 40, 40), "place": (40, 190, 60)}
+    for seed, task in enumerate(colours):
+        expert_rollout(tmp_path / "kb_src", task, 100 + seed, colours[task])
+        random_rollout(tmp_path / "kb_src", task, 100 + seed, colours[task])
+        expert_rollout(tmp_path / "ro", task, seed, colours[task])
+        random_rollout(tmp_path / "ro", task, seed, colours[task])
+    assert vs.build_kb(tmp_path / "kb_src", tmp_path / "kb" / "kb.jsonl", n_frames=4) == 4
+    kb = vs.load_kb(tmp_path / "kb" / "kb.jsonl")  # relative frame paths resolve
+    assert {e["scores"]["Reasoning"] for e in kb} == {10.0, 0.0}
+    args = score_args(rollouts=tmp_path / "ro", kb=tmp_path / "kb" / "kb.jsonl", judge="oracle",
+                      image_embedder=tiny_clip(tmp_path / "clip"), out=tmp_path / "out")
+    summary = vs.main_score(args)
+    rows = summary["policies"]
+    exp, rnd = rows["expert"], rows["random"]
+    assert exp["R"] == 100 and exp["RA"] == 100 and exp["I"] == 100 and exp["Sim"] == 100
+    assert exp["A"] > 70 and rnd["A"] < 40 and rnd["I"] == 0 and rnd["R"] == 0 and rnd["Sim"] == 0
+    assert exp["VLA_Score"] > 80 and rnd["VLA_Score"] == 0 and summary["failed"] == 0
+    recs = [json.loads(l) for l in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["mode"] == "reasoning" and len(r["examples"]) == 2 for r in recs)
+    for r in recs:  # the task example is the KB trajectory with this rollout's instruction
+        assert r["examples"][0] == f"pick up the {r['task']} object"
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| R | A | I | RA | Sim | VLA Score |" in md and "| expert | 2 |" in md
+
+
+def test_oracle_follows_tabletop_conventions(tmp_path):
+    """On tabletop's own expert the oracle finds every SUBTASK right and every MOVE followed; a random
+    policy given the same (correct) reasoning keeps R but loses A, I and RA."""
+    for task in tabletop.TASKS:
+        for policy in ("expert", "random"):
+            tabletop_rollout(tmp_path, task, 0, policy)
+    for r in vs.read_rollouts(tmp_path):
+        res = json.loads(vs.oracle_judgement(r, "reasoning"))["Result"]
+        if r["policy"] == "expert":
+            assert r["success"] and res["Reasoning"] == 10 and res["Alignment"] == 10 and res["Intention"] == 10
+            assert res["Action"] > 6, res
+        else:
+            assert not r["success"] and res["Reasoning"] > 9 and res["Intention"] < 5
+            assert res["Alignment"] < 5 and res["Action"] < 4, res
+
+
+def test_openai_run_counts_failures_and_sends_examples(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-local")
+    expert_rollout(tmp_path / "ro", "pick", 0, (210, 40, 40))
+    random_rollout(tmp_path / "ro", "pick", 1, (210, 40, 40))
+    kb_path = write_kb(tmp_path, [("pick up the red soda can", (220, 30, 30)),
+                                  ("put the carrot on the plate", (30, 200, 40))])
+    bad = (200, {}, chat("The robot did fine, I think."), 0)
+    with chat_server([(200, {}, chat(GOOD), 0), bad, bad, bad]) as (server, url):
+        args = score_args(rollouts=tmp_path / "ro", kb=kb_path, judge="openai", model="judge-x", base_url=url,
+                          api_key_env="MY_JUDGE_KEY", backoff=0.01, n_frames=3, example_frames=2,
+                          image_embedder=tiny_clip(tmp_path / "clip"), out=tmp_path / "out")
+        summary = vs.main_score(args)
+    assert len(server.requests) == 4  # one good answer, then the first ask + 2 re-asks for the other
+    text = server.requests[0][2]["messages"][1]["content"][0]["text"]
+    assert "Answer with JSON only" in text and "pick up the red soda can" in text
+    assert "Judge full completion" in text and "Expert scores" in text
+    n_images = len(server.requests[0][2]["messages"][1]["content"]) - 1
+    assert n_images == 2 * 2 + 3
+    assert "previous answer was not the requested JSON" in server.requests[2][2]["messages"][1]["content"][0]["text"]
+    assert summary["failed"] == 1
+    recs = [json.loads(l) for l in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    ok = [r for r in recs if not r["failed"]]
+    assert len(ok) == 1 and ok[0]["vla_score"] == pytest.approx(((0.7 + 0.8 * 0.9) / 2) * 0.6 * 100)
+    assert [r for r in recs if r["failed"]][0]["error"].startswith("no ")
+
+
+def test_specialist_prompt_asks_action_and_intention_only():
+    rollout = dict(instruction="pick up the can", actions=np.zeros((4, 7)), reasoning=[None] * 4,
+                   frame_steps=[0, 3], images=[solid((1, 2, 3)), solid((4, 5, 6))])
+    cfg = vs.ScoreConfig()
+    assert vs.rollout_mode(rollout, cfg) == "specialist"
+    text, images = vs.build_prompt(rollout, [], "specialist", cfg)
+    assert '"Action"' in text and '"Intention"' in text and '"Reasoning"' not in text and '"Alignment"' not in text
+    assert len(images) == 2
+    cfg.specialist_ra = "judge"
+    assert '"Alignment"' in vs.build_prompt(rollout, [], "specialist", cfg)[0]
+
+
+def test_hf_judge_with_tiny_model(tmp_path):
+    path = build_tiny(str(tmp_path / "tiny"))
+    judge_fn = vs.make_judge(vs.ScoreConfig(judge="hf", model=path, judge_max_tokens=8))
+    answer = judge_fn("Score the rollout. Answer with JSON only.", [solid((200, 0, 0), 56)], system=vs.JUDGE_ROLE)
+    assert isinstance(answer, str)
+    d = random_rollout(tmp_path / "ro", "pick", 0, (200, 0, 0))
+    ro = vs.read_rollouts(d.parent)[0]
+    rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2))
+    assert rec["failed"] and rec["error"]  # a random model's answer is not JSON: recorded, not raised
+
