@@ -8,8 +8,11 @@ import ast
 import base64
 import csv
 import io
+import functools
 import json
 import math
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,12 +28,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 import data
+import evaluate
 import evaluate as vs
 import prune
 import tabletop
+import train
 from data import DataError, reasoning_text
 from distill import action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
@@ -2469,3 +2475,205 @@ def test_hf_judge_with_tiny_model(tmp_path):
     rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2))
     assert rec["failed"] and rec["error"]  # a random model's answer is not JSON: recorded, not raised
 
+
+# ============================================================================= train.py
+
+FAST = dict(steps=6, batch_size=8, warmup_steps=0, log_every=1, ckpt_every=3, threads=1, demo_episodes=2, demo_qa=24)
+
+
+def flags(**kw):
+    """FAST with overrides, as command-line flags."""
+    return [x for k, v in {**FAST, **kw}.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """Demo data (2 episodes per task, 24 QA pairs) and the tiny backbone, as train.py caches them."""
+    out = tmp_path_factory.mktemp("base")
+    tabletop.write_demo(str(out / "data"), n_episodes=2, n_qa=24, n_bench=1)
+    build_tiny(str(out / "tiny"))
+    return out
+
+
+def fresh_run(base_run, tmp_path, name="run"):
+    out = tmp_path / name
+    for sub in ("data", "tiny"):
+        shutil.copytree(base_run / sub, out / sub)
+    return str(out)
+
+
+def launch(args, nproc=1, timeout=300):
+    """train.py in a subprocess (torchrun for nproc > 1; a failed launch is retried once, FACTS.md)."""
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "train.py"]
+    for attempt in range(1 if nproc == 1 else 2):
+        p = subprocess.run(cmd + args, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+        if p.returncode == 0:
+            break
+    return p
+
+
+def metrics(out, stage):
+    with open(os.path.join(out, stage, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def summary(out, stage):
+    with open(os.path.join(out, stage, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    train.main(["--stage", "distill", "--out", out] + flags(lr=1e-3))
+    printed = capsys.readouterr().out
+    assert "running --stage specialist first" in printed and "running --stage prune first" in printed
+    assert f"python evaluate.py sim --env tabletop --state --exec-horizon 8 --ckpt {out}/distill/model" in printed
+    for stage in ("specialist", "generalist", "distill"):
+        s = summary(out, stage)
+        before, after = s["fixed_batch_loss"]
+        assert after < before, (stage, before, after)          # the loss on one fixed batch falls
+        assert os.path.isfile(os.path.join(out, stage, "model", "model.safetensors"))
+        cfg = json.load(open(os.path.join(out, stage, "config.json")))
+        assert cfg["stage"] == stage and cfg["steps"] == 6 and cfg["lr"] == 1e-3
+        assert [m["step"] for m in metrics(out, stage)] == list(range(1, 7))
+    gen, dis = metrics(out, "generalist")[0], metrics(out, "distill")[0]
+    assert gen["lm_robot"] > 0 and gen["lm_mm"] > 0 and gen["action"] > 0
+    assert {"l_vla", "kd_action_robot", "kd_reason_mm", "samples_per_s", "lr"} <= set(dis)
+    stats = json.load(open(os.path.join(out, "pruned", "prune_stats.json")))
+    assert stats["mode"] == "both" and stats["reasoning_tokens_after"] < stats["reasoning_tokens_before"]
+    # inputs now exist under OUT: a second distill run reuses them and trains only the student
+    train.main(["--stage", "distill", "--out", out] + flags(steps=2))
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "running --stage" not in printed
+    assert summary(out, "distill")["steps"] == 2
+
+
+def test_torchrun_two_processes_match_one(base_run, tmp_path):
+    """gloo, 2 ranks vs 1 process with the same global batch (as 2 accumulated micro-batches): the same
+    loss curve, through the VLM unfreezing at step 2 (specialist) and multimodal mixing (generalist)."""
+    args = ["--stage", "generalist"] + flags(freeze_vlm_steps=2, steps=4)
+    one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
+    p1 = launch(args + ["--out", one, "--grad-accum", "2"])
+    p2 = launch(args + ["--out", two], nproc=2)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    for stage in ("specialist", "generalist"):
+        a, b = metrics(one, stage), metrics(two, stage)
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b):
+            for key in ("loss", "lm_robot", "lm_mm", "action"):
+                assert x[key] == pytest.approx(y[key], abs=1e-5), (stage, x["step"], key)
+    wa = load_file(os.path.join(one, "generalist", "model", "model.safetensors"))
+    wb = load_file(os.path.join(two, "generalist", "model", "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_fsdp_two_processes_match_one(base_run, tmp_path):
+    """FSDP2 fully_shard on CPU/gloo: the same curve and weights as one process, unfreezing included."""
+    args = ["--stage", "specialist"] + flags(steps=4, freeze_vlm_steps=2)
+    one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
+    p1 = launch(args + ["--out", one, "--grad-accum", "2"])
+    p2 = launch(args + ["--out", two, "--fsdp"], nproc=2)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    for x, y in zip(metrics(one, "specialist"), metrics(two, "specialist"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["action"] == pytest.approx(y["action"], abs=1e-5)
+    wa = load_file(os.path.join(one, "specialist", "model", "model.safetensors"))
+    wb = load_file(os.path.join(two, "specialist", "model", "model.safetensors"))
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    # short rollouts and answers: the untrained models would otherwise babble to the token limits
+    monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
+    monkeypatch.setattr(evaluate, "MMConfig", functools.partial(evaluate.MMConfig, max_new_tokens=4))
+    train.main(["--stage", "all", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"] + flags(steps=2))
+    printed = capsys.readouterr().out
+    for stage in ("specialist", "generalist", "distill"):
+        assert summary(out, stage)["steps"] == 2
+        sim = json.load(open(os.path.join(out, stage, "eval", "sim", "sim_results.json")))
+        assert set(sim["success"]) == set(tabletop.TASKS) and len(sim["episodes"]) == 3
+        assert os.path.isfile(os.path.join(out, stage, "eval", "mm", "summary.json"))
+        assert f"{stage}: tabletop success" in printed
+    assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
+
+
+def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
+    args = ["--stage", "specialist"] + flags(steps=24, ckpt_every=4, keep_ckpts=3, freeze_vlm_steps=6)
+    ref, cut = fresh_run(base_run, tmp_path, "ref"), fresh_run(base_run, tmp_path, "cut")
+    p = launch(args + ["--out", ref, "--keep-ckpts", "10"])  # keeps them all
+    assert p.returncode == 0, p.stderr[-2000:]
+    weights = lambda out: load_file(os.path.join(out, "specialist", "model", "model.safetensors"))
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # bit for bit
+    proc = subprocess.Popen([sys.executable, "train.py", "--out", cut] + args, cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = os.path.join(cut, "specialist", "checkpoints")
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(ckpt_dir, "step_0000008")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(cut, "specialist", "model"))
+    p = launch(args + ["--out", cut, "--resume"])   # after the VLM's unfreezing at step 6
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming from" in p.stdout and summary(cut, "specialist")["resumed_at"] >= 8
+    assert same(weights(ref), weights(cut))
+    assert [m["step"] for m in metrics(cut, "specialist")] == list(range(1, 25))     # no duplicated lines
+    assert len(train.checkpoints(os.path.join(cut, "specialist"))) == 3              # keeps the last K
+    # resuming before the unfreezing (from step 4 of a copy of the reference run) lands there too
+    shutil.rmtree(os.path.join(cut, "specialist"))
+    shutil.copytree(os.path.join(ref, "specialist", "checkpoints", "step_0000004"),
+                    os.path.join(ckpt_dir, "step_0000004"))
+    p = launch(args + ["--out", cut, "--resume"])
+    assert p.returncode == 0 and summary(cut, "specialist")["resumed_at"] == 4, p.stderr[-2000:]
+    assert same(weights(ref), weights(cut))
+
+
+def error_line(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    assert "invalid choice: 'specialst'" in error_line(capsys, ["--stage", "specialst"])
+    assert "no such file" in error_line(capsys, ["--stage", "specialist", "--data", str(tmp_path / "nope"),
+                                                 "--out", out])
+    train.main(["--stage", "specialist", "--out", out] + flags(steps=1))   # a flow-head specialist
+    capsys.readouterr()
+    line = error_line(capsys, ["--stage", "generalist", "--out", out, "--action-head", "tokens"] + flags())
+    assert "action head 'flow'" in line and "'tokens'" in line
+    assert not os.path.exists(os.path.join(out, "generalist"))
+
+
+def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    line = error_line(capsys, ["--stage", "specialist", "--out", out] + flags(lr=1e30, grad_clip=0, ckpt_every=1))
+    assert "loss is nan at step 2 " in line and "robot" in line and "step_0000001" in line
+    assert not os.path.exists(os.path.join(out, "specialist", "model"))
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, steps=14, schedule="cosine", min_lr_ratio=0.1)
+    assert [train.lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert train.lr_at(14, cfg) == pytest.approx(0.1)
+    cfg.schedule = "constant"
+    assert train.lr_at(100, cfg) == 1.0
+
+
+def test_presets_and_flags():
+    paper = train.stage_config("distill", {"preset": "paper"})
+    assert (paper.lr, paper.lambda_kd, paper.schedule, paper.backbone) == (2e-5, 0.15, "constant",
+                                                                          "Qwen/Qwen2.5-VL-3B-Instruct")
+    demo = train.stage_config("specialist", {"steps": 7})
+    assert demo.steps == 7 and demo.freeze_vlm_steps > 0 and demo.out == os.path.join("runs", "demo")
+    assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
+    explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
+    assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}

@@ -1,0 +1,805 @@
+"""Training for every stage of DualVLA's recipe (paper Sec. 3; NOTES.md §1-3), in one flat script.
+
+    python train.py --stage distill                  # fresh machine: demo data, tiny model, the whole chain
+    python train.py --stage specialist --data DIR    # DIR: an episode folder or a LeRobot dataset root
+    torchrun --nproc_per_node 8 train.py --preset paper --stage generalist --mm-data llava.json [--fsdp]
+
+    specialist  robot data, no reasoning in the targets (Eq. 2)              -> the action teacher π^a
+    generalist  from the specialist: robot data with reasoning on every frame
+                + multimodal data (Eq. 3)                                    -> the reasoning teacher π^r
+    prune       dual-layer pruning of the robot data's reasoning (Sec. 3.2.1, prune.py)
+    distill     from the generalist, on pruned robot + multimodal data, L = L_VLA + λ·L_KD with
+                π^a on robot frames and π^r on multimodal samples (Eq. 5-7, distill.py)
+    all         the four in order, then evaluate.py on the tabletop demo
+
+Everything lands in OUT (default runs/<preset>): data/ (demo data), tiny/ (the demo's random tiny
+backbone), <stage>/{model, config.json, metrics.jsonl, summary.json, checkpoints/step_N, eval/}, pruned/.
+A stage whose default input is missing builds it first; one already under OUT is reused. Flags apply
+to every stage this command runs (use one command per stage for per-stage settings).
+
+Engine: torchrun (DDP, or FSDP2 with --fsdp), bf16 autocast on GPU, gradient accumulation and
+clipping, warmup + constant/cosine LR, atomic checkpoints every --ckpt-every steps; --resume after a
+kill reproduces the uninterrupted run bit for bit (same world size and --threads).
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import prune
+import tabletop
+from data import DataError
+from distill import KD_MODES, check_teachers, dual_teacher_loss
+from model import DualVLA, UserError, VLAConfig, build_tiny, text_target_mask
+
+STAGES = ("specialist", "generalist", "prune", "distill", "all")
+PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
+DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo's held-out benchmarks
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "distill"          # specialist | generalist | prune | distill | all
+    preset: str = "demo"            # demo: CPU, minutes, tiny random backbone | paper: Qwen2.5-VL-3B on GPUs
+    out: str = ""                   # run folder; "" = runs/<preset>
+    # data; "" = the tabletop demo data, written to OUT/data on first use
+    data: str = ""                  # robot episodes: an episode folder (episodes.jsonl) or a LeRobot root
+    mm_data: str = ""               # multimodal data, LLaVA-format JSON (generalist, distill)
+    mm_images: str = ""             # image folder of --mm-data; "" = the JSON's folder
+    pruned_data: str = ""           # distill's robot data; "" = OUT/pruned, written by --stage prune
+    prune: str = "both"             # pruning mode (Table 7): both | scene | kinematic | random | none
+    demo_episodes: int = 100        # demo data: expert episodes per tabletop task
+    demo_qa: int = 3000             # demo data: question-answer pairs
+    # model
+    backbone: str = ""              # specialist's VLM (hub name or folder); "" = OUT/tiny (demo) or Qwen (paper)
+    init: str = ""                  # DualVLA checkpoint to start from; "" = the previous stage's model
+    action_teacher: str = ""        # distill: π^a; "" = OUT/specialist/model
+    reasoning_teacher: str = ""     # distill: π^r; "" = OUT/generalist/model
+    action_head: str = "flow"       # flow | tokens; every checkpoint loaded must have this head
+    image_size: int = 56            # VLM image side, a multiple of 28 (56 px = 4 image tokens); new models only
+    head_image_size: int = 64       # the action expert's own image side; new models only
+    chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
+    n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
+    # optimisation (paper: lr 2e-5 for distillation; the rest is ours)
+    steps: int = 500                # optimizer steps
+    batch_size: int = 32            # global batch: samples per optimizer step over all ranks and accumulation
+    grad_accum: int = 1             # micro-batches per optimizer step and rank
+    lr: float = 3e-4                # peak learning rate (3e-4 beat 1e-3 for the tiny model, FACTS.md)
+    schedule: str = "constant"      # after warmup: constant | cosine
+    warmup_steps: int = 20          # linear warmup from lr/warmup_steps
+    min_lr_ratio: float = 0.1       # cosine ends at lr * this
+    weight_decay: float = 0.0       # AdamW decay on matrices (not on biases and norms)
+    grad_clip: float = 1.0          # max global gradient norm; 0 = no clipping
+    mm_ratio: float = 0.25          # multimodal share of each batch (generalist, distill; Eq. 3's mixture)
+    freeze_vlm_steps: int = 0       # keep the VLM (backbone + queries) frozen for the first N steps (flow head)
+    grad_checkpointing: bool = False  # recompute the backbone's activations in backward (big models)
+    # distillation (Sec. 3.2.2)
+    lambda_kd: float = 0.15         # λ of Eq. 7 (paper)
+    kd_temperature: float = 2.0     # T of Eq. 5/6 (ours: the paper does not give it)
+    kd: str = "dual"                # dual | action | reasoning | single | none (the Table 8 ablations)
+    # engine
+    seed: int = 0                   # model init, data order, flow noise; rank r also seeds seed + r
+    bf16: bool = True               # bf16 autocast on GPU (CPU runs stay fp32)
+    fsdp: bool = False              # FSDP2 fully_shard under torchrun, for models that do not fit per GPU
+    threads: int = 0                # torch CPU threads per process; 0 = torch's default (1 is best on a busy CPU)
+    log_every: int = 10             # steps between metrics.jsonl lines
+    ckpt_every: int = 200           # steps between resumable checkpoints (and one at the end)
+    keep_ckpts: int = 2             # resumable checkpoints kept (the newest)
+    resume: bool = False            # continue from the newest checkpoint of each stage run
+    eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
+    eval_questions: int = 50        # --stage all: questions per demo benchmark
+
+
+# Stage presets, applied over the defaults above and under the command line. The paper gives λ = 0.15
+# and lr 2e-5 for distillation; batch sizes and step counts are ours (the paper states none): they
+# follow InstructVLA's lr 5e-5 for the earlier stages and a global batch of 128 on 8 GPUs.
+PRESETS = {
+    "demo": {
+        # One thread: the tiny model's ops gain little from a second one, and OpenMP threads spin-wait
+        # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
+        "common": dict(threads=1),
+        # The VLM frozen at random init first: it keeps the instruction's colour signal (FACTS.md).
+        "specialist": dict(steps=1000, batch_size=32, lr=3e-4, freeze_vlm_steps=800),
+        "generalist": dict(steps=150, batch_size=16, lr=1e-4),
+        "distill": dict(steps=150, batch_size=16, lr=1e-4),
+    },
+    "paper": {
+        "common": dict(backbone=PAPER_BACKBONE, image_size=224, n_queries=64, batch_size=128, schedule="cosine",
+                       warmup_steps=500, weight_decay=0.01, grad_checkpointing=True, log_every=50,
+                       ckpt_every=2000, keep_ckpts=3),
+        "specialist": dict(steps=30000, lr=5e-5),
+        "generalist": dict(steps=30000, lr=5e-5),
+        "distill": dict(steps=10000, lr=2e-5, schedule="constant", warmup_steps=0),  # paper: 2e-5, fixed
+    },
+}
+# Fields naming a stage's own inputs: never passed on to the stages built to provide them.
+STAGE_INPUTS = ("init", "action_teacher", "reasoning_teacher", "pruned_data", "stage")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse prints the usage too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def field_help():
+    """The comment after each TrainConfig field, as its --help text."""
+    src = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M))
+
+
+def parse_args(argv):
+    """argparse flags generated from TrainConfig; returns only the flags given explicitly."""
+    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS)
+    helps = field_help()
+    for f in fields(TrainConfig):
+        presets = [f"{name} {stage} {values[f.name]!r}" for name, stages in PRESETS.items()
+                   for stage, values in stages.items() if f.name in values]
+        h = f"{helps.get(f.name, '')} (default {f.default!r}" + (f"; presets: {', '.join(presets)})" if presets else ")")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
+        else:
+            choices = {"stage": STAGES, "preset": tuple(PRESETS), "schedule": ("constant", "cosine"),
+                       "action_head": ("flow", "tokens"), "prune": prune.MODES, "kd": KD_MODES}.get(f.name)
+            p.add_argument(flag, type=f.type, choices=choices, help=h, metavar=None if choices else f.type.__name__.upper())
+    return vars(p.parse_args(argv))
+
+
+def stage_config(stage, explicit):
+    """Defaults, then the preset's common and per-stage values, then the explicit flags."""
+    preset = explicit.get("preset", TrainConfig.preset)
+    values = {**PRESETS[preset].get("common", {}), **PRESETS[preset].get(stage, {}), **explicit, "stage": stage}
+    if values.get("action_head") == "tokens" and "freeze_vlm_steps" not in explicit:
+        values["freeze_vlm_steps"] = 0  # the tokens head lives in the VLM: freezing it would train nothing
+    cfg = TrainConfig(**values)
+    cfg.out = cfg.out or os.path.join("runs", cfg.preset)
+    return cfg
+
+
+def validate(cfg):
+    """Config and path errors as UserError, before anything is built."""
+    for name in ("data", "mm_data", "mm_images", "pruned_data", "init", "action_teacher", "reasoning_teacher"):
+        path = getattr(cfg, name)
+        if path and not os.path.exists(path):
+            raise UserError(f"--{name.replace('_', '-')} {path}: no such file or folder")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or not 0 <= cfg.mm_ratio < 1:
+        raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
+    if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
+        raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
+
+
+# ----------------------------------------------------------------------------- data
+
+def demo_data(cfg, ctx):
+    """The tabletop demo set under OUT/data (episodes.jsonl, mm.json, LMUData/), written once."""
+    root = os.path.join(cfg.out, "data")
+    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(root, "LMUData", "TabletopVQA.tsv")):  # written last
+        print(f"demo data: writing {cfg.demo_episodes} expert episodes per task and {cfg.demo_qa} QA pairs to {root}")
+        t0 = time.time()
+        tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed)
+        print(f"demo data: done in {time.time() - t0:.0f} s")
+    barrier(ctx)  # always: whether the files exist must not decide which ranks meet here
+    return root
+
+
+def robot_episodes(path, load_images=False):
+    """An episode folder or a LeRobot dataset root -> episodes (images as paths unless load_images)."""
+    if os.path.isfile(os.path.join(path, "episodes.jsonl")) or path.endswith(".jsonl"):
+        return data.read_episodes(path, load_images=load_images)
+    if os.path.isfile(os.path.join(path, "meta", "info.json")):
+        return data.read_lerobot(path)  # decoded frames: a LeRobot set must fit in RAM here
+    raise UserError(f"{path}: neither an episode folder (episodes.jsonl) nor a LeRobot dataset (meta/info.json)")
+
+
+def robot_source(cfg, ctx):
+    return cfg.data or demo_data(cfg, ctx)
+
+
+def mm_records(cfg, ctx):
+    """The multimodal records (images as paths): --mm-data, or the demo's QA pairs."""
+    path = cfg.mm_data or os.path.join(demo_data(cfg, ctx), "mm.json")
+    root = cfg.mm_images or os.path.join(os.path.dirname(path), "" if cfg.mm_data else "mm_images")
+    return data.read_llava(path, root, load_images=False)
+
+
+def open_images(records):
+    """Records of one batch with their images opened (records hold file paths until they are used)."""
+    def load(x):
+        if isinstance(x, (list, tuple)):
+            return [load(y) for y in x]
+        return x if isinstance(x, Image.Image) else Image.open(x).convert("RGB")
+    return [dict(r, image=load(r["image"])) for r in records]
+
+
+def flow_noise(records, model_cfg, seed, step):
+    """Flow-matching noise and time per robot record, drawn from (seed, step, episode, frame).
+
+    A sample gets the same noise whatever rank or micro-batch it lands in, so a torchrun run
+    reproduces a single-process run with the same global batch.
+    """
+    noise, t = [], []
+    for r in records:
+        if r["domain"] == "robot":
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{step}/{r['episode']}/{r['step']}".encode()))
+            noise.append(torch.randn(model_cfg.chunk, model_cfg.action_dim, generator=g))
+            t.append(torch.rand((), generator=g))
+    return dict(noise=torch.stack(noise), t=torch.stack(t)) if noise else {}
+
+
+# ----------------------------------------------------------------------------- models
+
+def checkpoint_head(path, cfg):
+    """Reject a checkpoint whose action head is not the requested one (read from its config.json)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{path} is not a DualVLA checkpoint: missing config.json")
+    with open(config) as f:
+        head = json.load(f).get("action_head")
+    if head != cfg.action_head:
+        raise UserError(f"{path} has action head {head!r} but this run asks for {cfg.action_head!r} "
+                        f"(--action-head); pick the matching head or another --out")
+
+
+def backbone_path(cfg, ctx):
+    """--backbone, or the demo's random tiny Qwen2.5-VL under OUT/tiny (built once)."""
+    if cfg.backbone:
+        return cfg.backbone
+    path = os.path.join(cfg.out, "tiny")
+    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # written last
+        print(f"tiny backbone: building a random tiny Qwen2.5-VL in {path}")
+        build_tiny(path, seed=cfg.seed)
+    barrier(ctx)
+    return path
+
+
+def new_model(cfg, backbone, robot):
+    """The specialist's starting point: backbone + fresh queries and head, action/state stats of `robot`."""
+    torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
+    model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
+                              n_queries=cfg.n_queries, image_size=cfg.image_size,
+                              head_image_size=cfg.head_image_size))
+    model.set_action_stats(data.action_stats(np.stack([r["action"] for r in robot])),
+                           data.action_stats(np.stack([r["state"] for r in robot])))
+    return model
+
+
+def load_model(path, cfg):
+    checkpoint_head(path, cfg)
+    return DualVLA.from_pretrained(path)
+
+
+def on_device(model, ctx):
+    model.register_forward_pre_hook(inputs_to_device, with_kwargs=True)
+    return model.to(ctx["device"])
+
+
+def inputs_to_device(module, args, kwargs):
+    """Move a batch's tensors to the model's device: distill.py builds teacher batches on the CPU."""
+    dev = module.queries.device
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in args[0].items()}
+    return (batch,) + args[1:], kwargs
+
+
+def set_vlm_trainable(model, trainable):
+    model.backbone.requires_grad_(trainable)
+    model.queries.requires_grad_(trainable)
+
+
+class DDP(DistributedDataParallel):
+    """DDP that exposes the DualVLA's make_batch (distill.py builds the teachers' batches with it)."""
+
+    def make_batch(self, *args, **kwargs):
+        return self.module.make_batch(*args, **kwargs)
+
+
+def wrap(model, cfg, ctx):
+    """DDP, or FSDP2 with one shard group per decoder layer and vision block, under torchrun."""
+    if ctx["world"] == 1:
+        return model
+    if cfg.fsdp:
+        mesh = init_device_mesh(ctx["device"].type, (ctx["world"],))
+        inner = model.backbone.model
+        for block in list(inner.language_model.layers) + list(inner.visual.blocks):
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    return DDP(model)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------- distributed and checkpoints
+
+def setup_distributed(cfg):
+    """rank/world/device from torchrun's environment; a single process otherwise."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return dict(rank=rank, world=world, device=device)
+
+
+def barrier(ctx):
+    if ctx["world"] > 1:
+        dist.barrier()
+
+
+def all_sum(x, ctx):
+    if ctx["world"] == 1:
+        return x
+    y = x.to(ctx["device"])  # NCCL reduces GPU tensors only
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def checkpoints(stage_dir):
+    """Complete resumable checkpoints of a stage, oldest first (a .tmp folder is a write cut short)."""
+    root = os.path.join(stage_dir, "checkpoints")
+    names = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n)] if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names)]
+
+
+def rng_states():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
+    """OUT/<stage>/checkpoints/step_N: model, optimizer, per-rank RNG states, step and data position.
+
+    Written to step_N.tmp and renamed, so a kill mid-write leaves the previous checkpoint intact.
+    """
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    inner, msd, osd = unwrap(model), None, None
+    if cfg.fsdp or ctx["rank"] == 0:  # a collective under FSDP; DDP's replicas are all the same
+        msd, osd = get_model_state_dict(inner, options=opts), get_optimizer_state_dict(inner, opt, options=opts)
+    path = os.path.join(stage_dir, "checkpoints", f"step_{step:07d}")
+    tmp = path + ".tmp"
+    if ctx["rank"] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump(dict(step=step, data_position=step * cfg.grad_accum, world=ctx["world"]), f)
+    barrier(ctx)
+    torch.save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
+    barrier(ctx)
+    if ctx["rank"] == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        for old in checkpoints(stage_dir)[:-cfg.keep_ckpts]:
+            shutil.rmtree(old)
+    barrier(ctx)
+    return path
+
+
+def restore_checkpoint(path, model, opt, cfg, ctx):
+    """Load a checkpoint's model and optimizer; returns (step, RNG states to restore last)."""
+    done = progress(path)
+    if done["world"] != ctx["world"]:
+        raise UserError(f"{path} was written by {done['world']} processes, this run has {ctx['world']}; "
+                        f"resume with the same number (the data order depends on it)")
+    # FSDP: rank 0 reads, the others receive their shards (one set_state_dict for both deadlocks, FACTS.md)
+    bcast = cfg.fsdp and ctx["world"] > 1
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False) if ctx["rank"] == 0 or not bcast \
+        else dict(model={}, optimizer={})
+    inner, opts = unwrap(model), StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast)
+    set_model_state_dict(inner, state["model"], options=opts)
+    set_optimizer_state_dict(inner, opt, state["optimizer"], options=opts)
+    return done["step"], torch.load(os.path.join(path, f"rng_rank{ctx['rank']}.pt"), weights_only=False)
+
+
+def progress(path):
+    with open(os.path.join(path, "progress.json")) as f:
+        return json.load(f)
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_final(model, stage_dir, cfg, ctx, rebuild):
+    """OUT/<stage>/model via DualVLA.save_pretrained (the folder later stages and evaluate.py load)."""
+    path = os.path.join(stage_dir, "model")
+    if cfg.fsdp and ctx["world"] > 1:  # gather the shards, then save an unsharded copy from rank 0
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if ctx["rank"] == 0:
+            plain = rebuild()
+            plain.load_state_dict(sd)
+            plain.save_pretrained(path)
+    elif ctx["rank"] == 0:
+        unwrap(model).save_pretrained(path)
+    barrier(ctx)
+    return path
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def lr_at(step, cfg):
+    """Linear warmup, then constant or cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def vla_losses(model, micro, step, cfg, ctx, reasoning):
+    """Eq. 2/3 over the micro-batches of one step, backward included; returns the summed terms.
+
+    Each term is summed over its tokens and divided by the GLOBAL count of those tokens (all ranks,
+    all micro-batches), times the world size because DDP/FSDP average gradients: a torchrun run
+    then takes the very step a single process takes on the same global batch.
+    """
+    inner = unwrap(model)
+    batches = [inner.make_batch(open_images(recs), reasoning=reasoning) for recs in micro]
+    counts = torch.tensor([[int(text_target_mask(b).sum()), int(b["action_mask"].sum()) * inner.config.action_dim
+                            if "action_mask" in b else 0] for b in batches], dtype=torch.float64).sum(0)
+    n_lm, n_act = all_sum(counts, ctx).clamp(min=1).tolist()
+    sums = torch.zeros(6, dtype=torch.float64)  # lm robot, lm mm, action; their token counts
+    for k, (recs, batch) in enumerate(zip(micro, batches)):
+        noise = flow_noise(recs, inner.config, cfg.seed, step) if inner.config.action_head == "flow" else {}
+        with sync_context(model, cfg, ctx, last=k == len(batches) - 1), autocast(cfg, ctx):
+            out = model(batch, **{name: x.to(ctx["device"]) for name, x in noise.items()})
+            loss = (out["lm_sum"] / n_lm + out["action_sum"] / n_act) * ctx["world"]
+        loss.backward()
+        sums += domain_sums(out, batch)
+    sums = all_sum(sums, ctx)
+    lm_robot, lm_mm, action = (sums[:3] / sums[3:].clamp(min=1)).tolist()
+    total = (sums[0] + sums[1]) / n_lm + sums[2] / n_act
+    return dict(loss=float(total), lm_robot=lm_robot, lm_mm=lm_mm, action=action)
+
+
+def domain_sums(out, batch):
+    """Summed lm loss of robot and multimodal rows and the action loss, with their counts (for logs)."""
+    with torch.no_grad():
+        mask = text_target_mask(batch).to(out["logits"].device)
+        rows = mask.nonzero()[:, 0]
+        ce = torch.nn.functional.cross_entropy(out["logits"][:, :-1][mask].float(),
+                                               batch["labels"][:, 1:].to(mask.device)[mask], reduction="none")
+        robot = batch["is_robot"].to(mask.device)[rows]
+        return torch.tensor([ce[robot].sum(), ce[~robot].sum(), out["action_sum"], robot.sum(), (~robot).sum(),
+                             out["action_count"]], dtype=torch.float64)
+
+
+def distill_losses(model, teachers, micro, cfg, ctx):
+    """Eq. 7 (distill.py) over the micro-batches of one step, backward included.
+
+    dual_teacher_loss returns per-rank means, so under torchrun the step is the mean over ranks of
+    their losses (equal to the single-process step up to the token counts differing between ranks).
+    """
+    inner, terms = unwrap(model), {}
+    for k, recs in enumerate(micro):
+        batch = inner.make_batch(open_images(recs))
+        with sync_context(model, cfg, ctx, last=k == len(micro) - 1), autocast(cfg, ctx):
+            out = dual_teacher_loss(model, *teachers, batch, lam=cfg.lambda_kd, T=cfg.kd_temperature, kd=cfg.kd)
+        (out["loss"] / len(micro)).backward()
+        for name, v in out.items():
+            terms[name] = terms.get(name, 0.0) + float(v.detach()) / len(micro)
+    names = ("loss", "l_vla", "lm_loss", "action_loss", "l_kd_action", "l_kd_reason")
+    mean = all_sum(torch.tensor([terms[n] for n in names], dtype=torch.float64), ctx) / ctx["world"]
+    return dict(zip(("loss", "l_vla", "lm", "action", "kd_action_robot", "kd_reason_mm"), mean.tolist()))
+
+
+def sync_context(model, cfg, ctx, last):
+    """Gradient accumulation: all-reduce only on the last micro-batch of a step."""
+    if ctx["world"] > 1 and not last:
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(False)
+            return nullcontext()
+        return model.no_sync()
+    if ctx["world"] > 1 and cfg.fsdp:
+        model.set_requires_gradient_sync(True)
+    return nullcontext()
+
+
+def autocast(cfg, ctx):
+    on_gpu = ctx["device"].type == "cuda" and cfg.bf16
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+
+
+def fixed_batch_loss(model, teachers, records, cfg, ctx, reasoning):
+    """The training loss on one fixed batch with fixed noise: a steadier progress signal than the batch loss."""
+    inner = unwrap(model)
+    batch = inner.make_batch(open_images(records), reasoning=reasoning)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast(cfg, ctx):
+        torch.manual_seed(cfg.seed)
+        if teachers:
+            return float(dual_teacher_loss(inner, *teachers, batch, lam=cfg.lambda_kd, T=cfg.kd_temperature,
+                                           kd=cfg.kd)["loss"])
+        noise = flow_noise(records, inner.config, cfg.seed, -1) if inner.config.action_head == "flow" else {}
+        return float(inner(batch, **{name: x.to(ctx["device"]) for name, x in noise.items()})["loss"])
+
+
+def stage_inputs(cfg):
+    """Where a stage's model and data come from: {name: (path, stage that makes it or None)}."""
+    model = lambda stage: os.path.join(cfg.out, stage, "model")
+    pick = lambda given, stage: (given, None) if given else (model(stage), stage)
+    if cfg.stage == "generalist":
+        return dict(init=pick(cfg.init, "specialist"))
+    if cfg.stage == "distill":
+        return dict(init=pick(cfg.init, "generalist"), action_teacher=pick(cfg.action_teacher, "specialist"),
+                    reasoning_teacher=pick(cfg.reasoning_teacher, "generalist"),
+                    pruned_data=(cfg.pruned_data, None) if cfg.pruned_data else (os.path.join(cfg.out, "pruned"), "prune"))
+    return {}
+
+
+def build_models(cfg, ctx, inputs, robot):
+    """The model to train (+ the frozen teachers for distill) on the device, and how to rebuild it unsharded."""
+    if cfg.stage == "specialist":
+        backbone = None if cfg.init else backbone_path(cfg, ctx)
+        make = lambda: load_model(cfg.init, cfg) if cfg.init else new_model(cfg, backbone, robot)
+    else:
+        make = lambda: load_model(inputs["init"], cfg)
+    model, teachers = on_device(make(), ctx), ()
+    if cfg.stage == "distill":
+        teachers = tuple(on_device(load_model(inputs[k], cfg), ctx).eval().requires_grad_(False)
+                         for k in ("action_teacher", "reasoning_teacher"))
+        if ctx["device"].type == "cuda" and cfg.bf16:
+            teachers = tuple(t.to(torch.bfloat16) for t in teachers)
+        check_teachers(model, *teachers)
+    if cfg.grad_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    return model, teachers, make
+
+
+def start_stage_dir(stage_dir, cfg, ctx, record):
+    """Resume from the newest checkpoint (--resume) or clear the old run's; write config.json."""
+    latest = checkpoints(stage_dir)[-1:] if cfg.resume else []
+    if ctx["rank"] == 0:
+        if not latest:
+            shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
+            if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+                os.remove(os.path.join(stage_dir, "metrics.jsonl"))
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "config.json"), "w") as f:
+            json.dump(dict(asdict(cfg), **record), f, indent=1)
+    barrier(ctx)
+    return latest[0] if latest else None
+
+
+def train(cfg, ctx, inputs):
+    """One training stage: data, models, optimizer, the loop, checkpoints, the final model."""
+    stage_dir, rank0, t_start = os.path.join(cfg.out, cfg.stage), ctx["rank"] == 0, time.time()
+    robot_path = inputs["pruned_data"] if cfg.stage == "distill" else robot_source(cfg, ctx)
+    robot = data.episode_records(robot_episodes(robot_path))
+    mm = mm_records(cfg, ctx) if cfg.stage != "specialist" else []  # Eq. 2: robot data only
+    model, teachers, rebuild = build_models(cfg, ctx, inputs, robot)
+    data.add_action_chunks(robot, model.config.chunk)
+    reasoning = cfg.stage != "specialist"  # Eq. 2: the specialist's targets hold no reasoning
+    micro_size, rem = divmod(cfg.batch_size, ctx["world"] * cfg.grad_accum)
+    if rem or not micro_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+                        f"({ctx['world']} x {cfg.grad_accum})")
+    mm_ratio = cfg.mm_ratio if mm else 0.0
+    if micro_size - round(micro_size * mm_ratio) < 1:
+        raise UserError(f"a micro-batch of {micro_size} with --mm-ratio {mm_ratio} holds no robot sample")
+    latest = start_stage_dir(stage_dir, cfg, ctx, dict(inputs=inputs, world_size=ctx["world"],
+                                                          model=asdict(model.config)))
+
+    # frozen or not as at the checkpoint: the optimizer state loads only into trainable parameters
+    frozen = cfg.freeze_vlm_steps > (progress(latest)["step"] if latest else 0)
+    set_vlm_trainable(model, not frozen)
+    wrapped = wrap(model, cfg, ctx)  # before the optimizer: fully_shard replaces the parameters
+    decay, other = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    start, rng = restore_checkpoint(latest, wrapped, opt, cfg, ctx) if latest else (0, None)
+    metrics_path = os.path.join(stage_dir, "metrics.jsonl")
+    if rank0:
+        if start:
+            print(f"{cfg.stage}: resuming from {latest}")
+        if start and os.path.isfile(metrics_path):  # drop what a killed run logged after its last checkpoint
+            with open(metrics_path) as f:
+                lines = [line for line in f if json.loads(line)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(lines)
+        print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path}, {len(mm)} multimodal samples; "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {cfg.steps} steps of "
+              f"{cfg.batch_size} on {ctx['world']} process(es)"
+              + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen else ""))
+    stream = data.mixed_batches(robot, mm, micro_size, mm_ratio, cfg.seed, ctx["rank"], ctx["world"],
+                                start=start * cfg.grad_accum)
+    fixed = next(data.mixed_batches(robot, mm, min(cfg.batch_size, 16), mm_ratio, cfg.seed + 1))
+    fixed_before = fixed_batch_loss(wrapped, teachers, fixed, cfg, ctx, reasoning)
+    torch.manual_seed(cfg.seed + ctx["rank"])  # per-rank randomness (distill.py's flow noise, dropout)
+    if rng is not None:
+        set_rng_states(rng)  # last, so nothing above consumes the restored streams
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=not rank0, mininterval=2, file=sys.stdout)
+    log, first, t_log, logged = None, None, time.time(), start
+    for step in range(start, cfg.steps):
+        if frozen and step >= cfg.freeze_vlm_steps:
+            frozen = False
+            set_vlm_trainable(model, True)
+            if not cfg.fsdp:  # DDP hooks only the parameters trainable when it is built; FSDP2 checks each step
+                wrapped = wrap(model, cfg, ctx)
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        log = distill_losses(wrapped, teachers, micro, cfg, ctx) if teachers else \
+            vla_losses(wrapped, micro, step, cfg, ctx, reasoning)
+        if not math.isfinite(log["loss"]):
+            domains = [r["domain"] for recs in micro for r in recs]
+            kept = checkpoints(stage_dir)
+            raise FloatingPointError(
+                f"{cfg.stage}: loss is {log['loss']} at step {step + 1} on a batch of {domains.count('robot')} "
+                f"robot and {domains.count('mm')} multimodal samples; last good checkpoint: {kept[-1] if kept else 'none'}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        first, done = first or log, step + 1
+        if rank0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            sps = cfg.batch_size * (done - logged) / (time.time() - t_log)
+            t_log, logged = time.time(), done
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(step=done, lr=lr_at(step, cfg), samples_per_s=round(sps, 2),
+                                        **{k: round(v, 6) for k, v in log.items()})) + "\n")
+            bar.set_postfix(loss=f"{log['loss']:.4f}", sps=f"{sps:.1f}")
+        bar.update(1)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save_checkpoint(wrapped, opt, done, stage_dir, cfg, ctx)
+    bar.close()
+    summary = dict(stage=cfg.stage, model=save_final(wrapped, stage_dir, cfg, ctx, rebuild), steps=cfg.steps,
+                   resumed_at=start, wall_s=round(time.time() - t_start, 1),
+                   first_loss=first["loss"] if first else math.nan, last_loss=log["loss"] if log else math.nan,
+                   fixed_batch_loss=[fixed_before, fixed_batch_loss(wrapped, teachers, fixed, cfg, ctx, reasoning)],
+                   last=log)
+    if rank0:
+        with open(os.path.join(stage_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+# ----------------------------------------------------------------------------- stages
+
+def run_prune(cfg, ctx):
+    """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json)."""
+    out, t0, source = os.path.join(cfg.out, "pruned"), time.time(), robot_source(cfg, ctx)
+    if ctx["rank"] == 0:
+        _, stats = prune.prune(robot_episodes(source, load_images=True), cfg.prune, out=out)
+        print(f"prune ({cfg.prune}): reasoning kept on {stats['keyframes']} of {stats['frames']} frames, "
+              f"{stats['reasoning_tokens_after']} of {stats['reasoning_tokens_before']} words -> {out}")
+    barrier(ctx)
+    return dict(stage="prune", model=out, wall_s=round(time.time() - t0, 1))
+
+
+def run_stage(stage, explicit, ctx):
+    """Run `stage`, building its missing default inputs first (or reusing them from OUT)."""
+    cfg = stage_config(stage, explicit)
+    validate(cfg)
+    inputs, done = stage_inputs(cfg), []
+    for name, (path, maker) in inputs.items():
+        exists = os.path.isfile(os.path.join(path, "model.safetensors")) or \
+            os.path.isfile(os.path.join(path, "episodes.jsonl"))
+        if maker and not exists:
+            if ctx["rank"] == 0:
+                print(f"{stage}: {name} {path} is missing; running --stage {maker} first")
+            done += run_stage(maker, {k: v for k, v in explicit.items() if k not in STAGE_INPUTS}, ctx)
+        elif ctx["rank"] == 0 and maker:
+            print(f"{stage}: reusing {path} as {name}")
+    paths = {k: v[0] for k, v in inputs.items()}
+    return done + [run_prune(cfg, ctx) if stage == "prune" else train(cfg, ctx, paths)]
+
+
+def eval_commands(cfg, stage):
+    """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
+    ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
+    env = "simplerenv" if cfg.data else "tabletop --state --exec-horizon 8"  # the demo model acts on its state too
+    bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
+    return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
+            + (" --no-reason" if stage == "specialist" else ""),
+            f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
+
+
+def evaluate_demo(cfg, stages):
+    """--stage all: evaluate.py's sim (tabletop) and mm (the demo's TSVs) for each trained model."""
+    try:
+        import evaluate
+    except ImportError:
+        print("evaluate.py not found: skipping the evaluation; run evaluate.py on the models above later")
+        return
+    if cfg.data:
+        print("--data is not the tabletop demo: evaluate with SimplerEnv on a GPU (the commands below)")
+        return
+    for stage in stages:
+        ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
+        sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
+                                                  out=os.path.join(out, "eval", "sim"),
+                                                  exec_horizon=8, state=True, reason=stage != "specialist"))
+        print(f"{stage}: tabletop success {json.dumps(sim['success'])}")
+        if not cfg.mm_data:
+            model = evaluate.load_policy_model(ckpt)
+            mm = evaluate.evaluate_mm(model, evaluate.MMConfig(
+                ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
+                out=out, limit=cfg.eval_questions))
+            print(f"{stage}: demo benchmarks " + json.dumps({k: v.get("score") for k, v in mm["benchmarks"].items()}))
+
+
+def report(summaries, cfg, wall):
+    print(f"\n{'stage':<11} {'steps':>6} {'loss first -> last':>20} {'fixed batch before -> after':>28} {'time':>7}  model")
+    for s in summaries:
+        if s["stage"] == "prune":
+            print(f"{'prune':<11} {'':>6} {'':>20} {'':>28} {s['wall_s']:>6.0f}s  {s['model']}")
+            continue
+        fb = s["fixed_batch_loss"]
+        print(f"{s['stage']:<11} {s['steps']:>6} {s['first_loss']:>9.4f} -> {s['last_loss']:<8.4f} "
+              f"{fb[0]:>13.4f} -> {fb[1]:<10.4f} {s['wall_s']:>6.0f}s  {s['model']}")
+    print(f"total wall time {wall:.0f} s")
+    trained = [s["stage"] for s in summaries if s["stage"] != "prune"]
+    if trained:
+        print("next, evaluate:\n  " + "\n  ".join(eval_commands(cfg, trained[-1])))
+
+
+def main(argv=None):
+    t0 = time.time()
+    try:
+        explicit = parse_args(argv)
+        cfg = stage_config(explicit.get("stage", TrainConfig.stage), explicit)
+        validate(cfg)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        ctx = setup_distributed(cfg)
+        if cfg.stage == "all":
+            summaries = []
+            for stage in STAGES[:-1]:
+                summaries += run_stage(stage, dict(explicit, stage=stage), ctx)[-1:]
+            if ctx["rank"] == 0:
+                evaluate_demo(cfg, [s["stage"] for s in summaries if s["stage"] != "prune"])
+        else:
+            summaries = run_stage(cfg.stage, explicit, ctx)
+        if ctx["rank"] == 0:
+            report(summaries, cfg, time.time() - t0)
+    except (UserError, DataError, FloatingPointError) as e:  # raised alike on every rank
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        shutdown()
+        sys.exit(2)
+    shutdown()
+
+
+def shutdown():
+    """A barrier before destroying the group avoids gloo's occasional abort at exit (FACTS.md)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
