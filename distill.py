@@ -70,11 +70,17 @@ def teacher_forward(teacher, batch, **kw):
         return teacher(batch, **kw)
 
 
-def dual_teacher_loss(student, action_teacher, reasoning_teacher, batch, lam=0.15, T=2.0, kd="dual"):
-    """Eq. 7: L = L_VLA + λ · L_KD with L_KD routed per sample by its domain."""
+def dual_teacher_loss(student, action_teacher, reasoning_teacher, batch, lam=0.15, T=2.0, kd="dual",
+                      noise=None, t=None):
+    """Eq. 7: L = L_VLA + λ · L_KD with L_KD routed per sample by its domain.
+
+    `noise`/`t` (flow head) fix the student's noisy actions, which the action teacher then shares;
+    `student` may be wrapped in DDP (its batches are built by the inner DualVLA).
+    """
     if kd not in KD_MODES:
         raise UserError(f"--kd must be one of {', '.join(KD_MODES)}, got {kd!r}")
-    out = student(batch)
+    out = student(batch, noise=noise, t=t)
+    make_batch = getattr(student, "module", student).make_batch
     zero = out["loss"] * 0
     l_act, l_reason = zero, zero
     records = batch["records"]
@@ -90,10 +96,10 @@ def dual_teacher_loss(student, action_teacher, reasoning_teacher, batch, lam=0.1
     else:
         if robot and kd in ("dual", "action"):
             # π^a(a | o, i): the action teacher never sees reasoning
-            a_batch = student.make_batch([records[i] for i in robot], reasoning=False)
+            a_batch = make_batch([records[i] for i in robot], reasoning=False)
             l_act = action_kd(out, teacher_forward(action_teacher, a_batch, **flow), batch, T)
         if mm and kd in ("dual", "reasoning"):
-            r_batch = student.make_batch([records[i] for i in mm])
+            r_batch = make_batch([records[i] for i in mm])
             l_reason = reasoning_kd(out, teacher_forward(reasoning_teacher, r_batch), batch, T,
                                     torch.tensor(mm), r_batch)
     loss = out["loss"] + lam * (l_act + l_reason)

@@ -72,33 +72,44 @@ class VLAConfig:
 # ----------------------------------------------------------------------------- action expert
 
 class SpatialSoftmax(nn.Module):
-    """Expected (x, y) of each feature map: K channels -> 2K keypoints (Levine et al.)."""
+    """Expected (x, y) of each feature map: K channels -> 2K keypoints (Levine et al.), learned temperature."""
+
+    def __init__(self, temperature=0.05):
+        super().__init__()
+        # Sharp from the start: at temperature 1 a unit-scale map gives a near-uniform softmax whose
+        # keypoints barely move with the image, and the head learns to ignore them.
+        self.log_temperature = nn.Parameter(torch.full((1,), math.log(temperature)))  # 1-D: FSDP2 shards no scalars
 
     def forward(self, x):  # (B, K, H, W)
         B, K, H, W = x.shape
-        p = x.flatten(2).softmax(-1).view(B, K, H, W)
+        p = (x.flatten(2) / self.log_temperature.exp()).softmax(-1).view(B, K, H, W)
         ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
         return torch.cat([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=1)  # (B, 2K)
 
 
 class ImageEncoder(nn.Module):
-    """Four strided convs, each FiLM-modulated by the query states, then spatial-softmax keypoints."""
+    """Four strided convs, each normalised then FiLM-modulated by the query states, then keypoints.
+
+    GroupNorm keeps the maps at unit scale: without it the default init shrinks them layer by layer
+    until the spatial softmax is flat and the keypoints carry no image information at all.
+    """
 
     def __init__(self, width, cond_dim, channels=(32, 32, 64, 64)):
         super().__init__()
         chans = (3,) + channels
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2 if i < 2 else 1, padding=1)
                                    for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, c) for c in channels)
         self.films = nn.ModuleList(nn.Linear(cond_dim, 2 * c) for c in channels)
         self.keypoints = SpatialSoftmax()
         self.out = nn.Linear(2 * channels[-1], width)
 
     def forward(self, pixels, cond):  # (B, 3, h, w), (B, cond_dim)
         x = pixels
-        for conv, film in zip(self.convs, self.films):
+        for conv, norm, film in zip(self.convs, self.norms, self.films):
             gamma, beta = film(cond)[..., None, None].chunk(2, dim=1)
-            x = F.silu(conv(x) * (1 + gamma) + beta)
+            x = F.silu(norm(conv(x)) * (1 + gamma) + beta)
         return self.out(self.keypoints(x))  # (B, width)
 
 

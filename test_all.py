@@ -45,7 +45,7 @@ from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPol
                       extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
                       ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
                       select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
-from model import ACT, DualVLA, UserError, VLAConfig, build_tiny
+from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
 
@@ -115,6 +115,19 @@ def test_label_mask_covers_exactly_the_targets(tiny_path):
     bins = torch.searchsorted(m.bin_ids, batch["input_ids"][batch["action_positions"]]).view(2, 7).numpy()
     expect = np.stack([m._bins(np.asarray(r["action"])) for r in recs[:2]])
     assert (bins == expect).all()
+
+
+def test_action_expert_sees_its_images_at_init():
+    """The expert's own image path must carry the picture from the start: keypoints of a flat softmax
+    (the failure this guards against) move by ~1e-5 between images and the head learns to ignore them."""
+    torch.manual_seed(0)
+    enc = ImageEncoder(64, 8)
+    scene = np.full((2, 3, 64, 64), -0.2, np.float32)
+    scene[0, :, 5:15, 5:15], scene[1, :, 45:55, 45:55] = 0.4, 0.4     # the same block, two places
+    kp = enc.keypoints(torch.stack([enc.norms[0](enc.convs[0](torch.from_numpy(scene)))])[0])
+    assert (kp[0] - kp[1]).abs().max() > 0.05
+    feats = enc(torch.from_numpy(scene), torch.zeros(2, 8))
+    assert (feats[0] - feats[1]).abs().mean() > 1e-3 * feats.abs().mean()
 
 
 @pytest.mark.parametrize("head", ["flow", "tokens"])

@@ -310,13 +310,6 @@ def set_vlm_trainable(model, trainable):
     model.queries.requires_grad_(trainable)
 
 
-class DDP(DistributedDataParallel):
-    """DDP that exposes the DualVLA's make_batch (distill.py builds the teachers' batches with it)."""
-
-    def make_batch(self, *args, **kwargs):
-        return self.module.make_batch(*args, **kwargs)
-
-
 def wrap(model, cfg, ctx):
     """DDP, or FSDP2 with one shard group per decoder layer and vision block, under torchrun."""
     if ctx["world"] == 1:
@@ -327,7 +320,7 @@ def wrap(model, cfg, ctx):
         for block in list(inner.language_model.layers) + list(inner.visual.blocks):
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    return DDP(model)
+    return DistributedDataParallel(model)
 
 
 def unwrap(model):
@@ -498,7 +491,7 @@ def domain_sums(out, batch):
                              out["action_count"]], dtype=torch.float64)
 
 
-def distill_losses(model, teachers, micro, cfg, ctx):
+def distill_losses(model, teachers, micro, step, cfg, ctx):
     """Eq. 7 (distill.py) over the micro-batches of one step, backward included.
 
     dual_teacher_loss returns per-rank means, so under torchrun the step is the mean over ranks of
@@ -507,8 +500,10 @@ def distill_losses(model, teachers, micro, cfg, ctx):
     inner, terms = unwrap(model), {}
     for k, recs in enumerate(micro):
         batch = inner.make_batch(open_images(recs))
+        noise = flow_noise(recs, inner.config, cfg.seed, step) if inner.config.action_head == "flow" else {}
         with sync_context(model, cfg, ctx, last=k == len(micro) - 1), autocast(cfg, ctx):
-            out = dual_teacher_loss(model, *teachers, batch, lam=cfg.lambda_kd, T=cfg.kd_temperature, kd=cfg.kd)
+            out = dual_teacher_loss(model, *teachers, batch, lam=cfg.lambda_kd, T=cfg.kd_temperature, kd=cfg.kd,
+                                    **{name: x.to(ctx["device"]) for name, x in noise.items()})
         (out["loss"] / len(micro)).backward()
         for name, v in out.items():
             terms[name] = terms.get(name, 0.0) + float(v.detach()) / len(micro)
@@ -652,7 +647,7 @@ def train(cfg, ctx, inputs):
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        log = distill_losses(wrapped, teachers, micro, cfg, ctx) if teachers else \
+        log = distill_losses(wrapped, teachers, micro, step, cfg, ctx) if teachers else \
             vla_losses(wrapped, micro, step, cfg, ctx, reasoning)
         if not math.isfinite(log["loss"]):
             domains = [r["domain"] for recs in micro for r in recs]
