@@ -209,7 +209,7 @@ def pruned_speedup(cfg):
             for _ in range(4 if cfg.quick else 10):
                 image = obs["image"][env.camera_names[0]]["rgb"]
                 t0 = time.perf_counter()
-                out = model.predict_action(image, env.get_language_instruction(), env.state(), reason=True)
+                out = model.predict_action(image, env.get_language_instruction(), obs["state"], reason=True)
                 times.append(time.perf_counter() - t0)
                 tokens.append(out["n_tokens"])
                 obs, _, done, _, _ = env.step(out["actions"][0])
