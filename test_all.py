@@ -2347,6 +2347,18 @@ def write_kb(tmp_path, entries):
     return tmp_path / "kb.jsonl"
 
 
+def test_pixels_image_embedder_finds_the_similar_scene():
+    def scene(colour, x):
+        a = np.full((64, 64, 3), 200, np.uint8)
+        a[20:40, x:x + 20] = colour
+        return Image.fromarray(a)
+    embed = vs.image_embedder("pixels")
+    kb = embed([scene((255, 0, 0), 5), scene((0, 0, 255), 40)])
+    query = embed([scene((250, 10, 10), 8)])
+    assert kb.shape == (2, 768) and np.allclose(np.linalg.norm(kb, axis=1), 1)
+    assert int(np.argmax(kb @ query[0])) == 0
+
+
 def test_dual_retrieval_and_cache(tmp_path):
     kb_path = write_kb(tmp_path, [("pick up the red soda can", (220, 30, 30)),
                                   ("put the carrot on the plate", (30, 200, 40)),
@@ -2645,9 +2657,11 @@ def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
     assert same(weights(ref), weights(cut))
 
 
-def error_line(capsys, argv):
+def error_line(capsys, main, argv):
+    """A CLI's bad-input path: exit 2 and one line 'error: ...' on stderr."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        train.main(argv)
+        main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
@@ -2655,19 +2669,19 @@ def error_line(capsys, argv):
 
 def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
-    assert "invalid choice: 'specialst'" in error_line(capsys, ["--stage", "specialst"])
-    assert "no such file" in error_line(capsys, ["--stage", "specialist", "--data", str(tmp_path / "nope"),
+    assert "invalid choice: 'specialst'" in error_line(capsys, train.main, ["--stage", "specialst"])
+    assert "no such file" in error_line(capsys, train.main, ["--stage", "specialist", "--data", str(tmp_path / "nope"),
                                                  "--out", out])
     train.main(["--stage", "specialist", "--out", out] + flags(steps=1))   # a flow-head specialist
     capsys.readouterr()
-    line = error_line(capsys, ["--stage", "generalist", "--out", out, "--action-head", "tokens"] + flags())
+    line = error_line(capsys, train.main, ["--stage", "generalist", "--out", out, "--action-head", "tokens"] + flags())
     assert "action head 'flow'" in line and "'tokens'" in line
     assert not os.path.exists(os.path.join(out, "generalist"))
 
 
 def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
-    line = error_line(capsys, ["--stage", "specialist", "--out", out] + flags(lr=1e30, grad_clip=0, ckpt_every=1))
+    line = error_line(capsys, train.main, ["--stage", "specialist", "--out", out] + flags(lr=1e30, grad_clip=0, ckpt_every=1))
     assert "loss is nan at step 2 " in line and "robot" in line and "step_0000001" in line
     assert not os.path.exists(os.path.join(out, "specialist", "model"))
 
@@ -2690,3 +2704,184 @@ def test_presets_and_flags():
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
+
+
+# ============================================================================= two cameras, two arms (issue 14)
+
+CAMS = ("overhead_camera", "wrist_camera")
+MULTICAM = dict(steps=3, batch_size=4)  # smaller than FAST: this chain runs every stage
+
+
+def mc_flags(**kw):
+    return flags(**{**MULTICAM, **kw})
+
+
+def saved_config(path):
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def test_two_camera_bimanual_chain_runs_every_stage(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(["--stage", "distill", "--out", out, "--demo-task", "bimanual", "--cameras", ",".join(CAMS)] + mc_flags())
+    printed = capsys.readouterr().out
+    assert "(overhead_camera, wrist_camera; 14-D actions)" in printed
+    source = data.read_episodes(os.path.join(out, "data", "bimanual"))
+    assert len(source) == 2 and all(len(s["image"]) == 2 and s["action"].shape == (14,)
+                                    for ep in source for s in ep["steps"])
+    for stage in ("specialist", "generalist", "distill"):
+        cfg = saved_config(os.path.join(out, stage, "model"))
+        assert tuple(cfg["cameras"]) == CAMS and cfg["action_dim"] == cfg["state_dim"] == 14, stage
+        for kind in ("action", "state"):  # both arms' grippers (dims 6 and 13) stay unnormalised
+            stats = cfg["norm_stats"][kind]
+            assert [d for d, m in enumerate(stats["mask"]) if not m] == [6, 13], (stage, kind)
+            assert stats["q01"][13] == -1.0 and stats["q99"][13] == 1.0
+        with open(os.path.join(out, stage, "summary.json")) as f:
+            s = json.load(f)
+        assert s["steps"] == 3 and np.isfinite(s["last_loss"])
+    # prune used the two-arm rule on the 14-D states: reasoning kept exactly on `both`'s keyframes, and
+    # the kinematic layer fires wherever either arm's gripper flips
+    pruned = data.read_episodes(os.path.join(out, "pruned"))
+    masks = prune.layer_masks(source)
+    for ep, kept, m in zip(source, pruned, masks):
+        assert [s["reasoning"] is not None for s in kept["steps"]] == m["both"].tolist()
+        assert all(len(s["image"]) == 2 for s in kept["steps"])
+        closed = np.stack([s["state"][[6, 13]] for s in ep["steps"]]) < 0.5
+        flips = np.flatnonzero((closed[1:] != closed[:-1]).any(axis=1)) + 1
+        assert len(flips) and m["kinematic"][flips].all()
+    # evaluate sim: tasks and cameras come from the checkpoint; short reasoning keeps the tiny model quick
+    ckpt = os.path.join(out, "distill", "model")
+    cfg = saved_config(ckpt)
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(dict(cfg, max_reasoning_tokens=3), f)
+    sim_out = str(tmp_path / "sim")
+    evaluate.main(["sim", "--env", "tabletop", "--ckpt", ckpt, "--episodes", "2", "--max-steps", "4", "--state",
+                   "--exec-horizon", "2", "--out", sim_out])
+    assert "| tabletop_bimanual | Avg |" in capsys.readouterr().out
+    with open(os.path.join(sim_out, "sim_results.json")) as f:
+        res = json.load(f)
+    assert res["config"]["tasks"] == [tabletop.BIMANUAL] and res["config"]["cameras"] == list(CAMS)
+    assert len(res["episodes"]) == 2 and res["generated_tokens"] > 0
+    with open(os.path.join(sim_out, "rollouts", tabletop.BIMANUAL, "ep001", "episode.json")) as f:
+        ep = json.load(f)
+    assert ep["n_steps"] == 4 and all(len(a) == 14 and np.isfinite(a).all() for a in ep["actions"])
+    assert 2 <= ep["generated_tokens"] <= 2 * 4  # two model calls (2 actions each), <= 3 reasoning tokens + <|act|>
+    assert os.path.isfile(os.path.join(sim_out, "rollouts", tabletop.BIMANUAL, "ep001", ep["frames"][0]))
+
+
+def test_two_camera_checkpoint_refuses_one_camera(tmp_path, capsys):
+    backbone = build_tiny(str(tmp_path / "tiny"))
+    model = DualVLA(VLAConfig(backbone=backbone, image_size=56, chunk=4, cameras=CAMS, action_dim=14, state_dim=14,
+                              max_reasoning_tokens=2))
+    rng = np.random.default_rng(0)
+    model.set_action_stats(data.action_stats(rng.normal(size=(64, 14)), train.gripper_dims(14)))
+    ckpt = model.save_pretrained(str(tmp_path / "ckpt"))
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"expects 2 image\(s\) per frame \(overhead_camera, wrist_camera\), got 1"):
+        model.predict_action(image, "pick up the can", reason=False)
+    assert model.predict_action([image, image], "pick up the can", reason=False)["actions"].shape == (4, 14)
+    # the sim path: SimplerEnv takes 7-D and one camera; tabletop checks before any episode runs
+    with pytest.raises(UserError, match="14-D"):
+        Policy(model)
+    with pytest.raises(UserError, match="one image"):
+        Policy(DualVLA(VLAConfig(backbone=backbone, image_size=56, cameras=CAMS)))
+    pol = Policy(model, "widowx_bridge", env="tabletop")
+    pol.reset("pick up the can")
+    with pytest.raises(UserError, match=r"got 1"):
+        pol.step(np.asarray(image), "pick up the can")
+    sim = ["sim", "--env", "tabletop", "--ckpt", ckpt, "--episodes", "1", "--max-steps", "1", "--out", str(tmp_path / "s")]
+    line = error_line(capsys, evaluate.main, sim + ["--cameras", "overhead_camera"])
+    assert "expects 2 image(s) per step (overhead_camera, wrist_camera), --cameras gives 1" in line
+    assert "takes 7-D" in error_line(capsys, evaluate.main, sim + ["--tasks", "tabletop_pick"])
+    # train.py: a later stage on data with another number of cameras, or --cameras against the checkpoint
+    out = str(tmp_path / "run")
+    line = error_line(capsys, train.main, ["--stage", "generalist", "--init", ckpt, "--out", out] + mc_flags(demo_episodes=1))
+    assert "1 image(s) per frame, the model expects 2 (overhead_camera, wrist_camera)" in line
+    line = error_line(capsys, train.main, ["--stage", "generalist", "--init", ckpt, "--out", out,
+                                           "--cameras", "wrist_camera,overhead_camera"] + mc_flags(demo_episodes=1))
+    assert "trained with cameras overhead_camera,wrist_camera" in line
+    line = error_line(capsys, train.main, ["--stage", "specialist", "--out", str(tmp_path / "bad"),
+                                           "--cameras", "head_camera"] + mc_flags(demo_episodes=1))
+    assert "--cameras" in line and "head_camera" in line
+
+
+def test_kinematic_two_arm_rule_on_a_14_dof_episode():
+    """Hand-computed: arm 1 rests for frames 0-3, then moves at 1/frame: x = 0 0 0 0 1 2 3 4, np.gradient
+    gives v = 0 0 0 .5 1 1 1 1 and a = 0 0 .25 .5 .25 0 0 0 (mean .125), so frames 2, 3, 4. Arm 2 moves at
+    a constant .1/frame (a = 0 everywhere: under the floor) and closes its gripper at frame 6."""
+    n = 8
+    arm1 = np.zeros((n, 7), np.float32)
+    arm1[:, 0], arm1[:, 6] = [0, 0, 0, 0, 1, 2, 3, 4], 1.0
+    arm2 = np.zeros((n, 7), np.float32)
+    arm2[:, 1], arm2[:, 6] = 0.1 * np.arange(n), [1, 1, 1, 1, 1, 1, 0, 0]
+    episode = lambda states: dict(id="bi", instruction="x", steps=[
+        dict(image=Image.new("RGB", (8, 8)), state=s, action=np.zeros(len(s), np.float32), reasoning="r") for s in states])
+    two = episode(np.concatenate([arm1, arm2], axis=1))
+    assert np.flatnonzero(prune.keyframes(two, "kinematic")).tolist() == [2, 3, 4, 6]
+    assert np.flatnonzero(prune.keyframes(episode(np.concatenate([arm2, arm1], axis=1)), "kinematic")).tolist() == \
+        [2, 3, 4, 6]                                     # either arm: the order of the arms does not matter
+    assert np.flatnonzero(prune.keyframes(episode(arm1), "kinematic")).tolist() == [2, 3, 4]    # arm 1 alone
+    assert np.flatnonzero(prune.keyframes(episode(arm2), "kinematic")).tolist() == [6]          # arm 2 alone
+    pruned, _ = prune.prune([two], "kinematic")
+    assert [s["reasoning"] is not None for s in pruned[0]["steps"]] == [i in (2, 3, 4, 6) for i in range(n)]
+
+
+def test_gripper_dims_per_arm():
+    assert train.gripper_dims(7) == (6,) and train.gripper_dims(14) == (6, 13) and train.gripper_dims(21) == (6, 13, 20)
+    assert train.gripper_dims(8) == (7,)   # not 7 per arm: the last entry, as data.action_stats' default
+    a = np.random.default_rng(1).normal(size=(50, 14))
+    stats = data.action_stats(a, train.gripper_dims(14))
+    x = data.normalize_action(a[0], stats)
+    assert x[6] == np.float32(a[0, 6]) and x[13] == np.float32(a[0, 13])     # grippers pass through as they are
+    np.testing.assert_allclose(data.unnormalize_action(x, stats)[:6], a[0, :6], atol=1e-5)
+
+
+def write_lerobot_bimanual(root, n_eps=2, n=6):
+    """A tiny LeRobot v2.1 dataset of a two-armed robot: head and wrist image keys, 14-D state and action."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    keys = ("observation.images.head", "observation.images.wrist_left")
+    rng = np.random.default_rng(3)
+    feats = {k: {"dtype": "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]} for k in keys}
+    feats.update({"observation.state": {"dtype": "float32", "shape": [14]}, "action": {"dtype": "float32", "shape": [14]},
+                  **{c: {"dtype": "int64", "shape": [1]} for c in ("frame_index", "episode_index", "index", "task_index")}})
+    os.makedirs(root / "meta")
+    json.dump({"codebase_version": "v2.1", "robot_type": "r1lite", "fps": 10, "chunks_size": 1000, "features": feats,
+               "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"},
+              open(root / "meta" / "info.json", "w"))
+    (root / "meta" / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "hand over the cup"}) + "\n")
+    (root / "meta" / "episodes.jsonl").write_text("".join(
+        json.dumps({"episode_index": e, "tasks": ["hand over the cup"], "length": n}) + "\n" for e in range(n_eps)))
+
+    def png(k, e, t):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * e, 30 * t, 100 * keys.index(k))).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": f"{e}_{t}.png"}
+
+    for e in range(n_eps):
+        cols = {"observation.state": pa.array(rng.normal(size=(n, 14)).tolist(), pa.list_(pa.float32())),
+                "action": pa.array(rng.normal(size=(n, 14)).tolist(), pa.list_(pa.float32())),
+                "frame_index": list(range(n)), "episode_index": [e] * n, "index": list(range(e * n, e * n + n)),
+                "task_index": [0] * n, **{k: [png(k, e, t) for t in range(n)] for k in keys}}
+        os.makedirs(root / "data" / "chunk-000", exist_ok=True)
+        pq.write_table(pa.table(cols), root / "data" / "chunk-000" / f"episode_{e:06d}.parquet")
+    return keys
+
+
+def test_own_robot_lerobot_set_with_two_cameras_and_14_dof(tmp_path, capsys):
+    root = tmp_path / "r1lite_handover"
+    keys = write_lerobot_bimanual(root)
+    lines = data.inspect_path(str(root))
+    assert "action: 14 dims" in lines and any(keys[1] in line for line in lines)
+    out = str(tmp_path / "run")
+    train.main(["--stage", "specialist", "--data", str(root), "--out", out] + mc_flags(steps=2))
+    cfg = saved_config(os.path.join(out, "specialist", "model"))
+    assert tuple(cfg["cameras"]) == keys and cfg["action_dim"] == cfg["state_dim"] == 14   # the image keys name them
+    train.main(["--stage", "prune", "--data", str(root), "--out", out])
+    pruned = data.read_episodes(os.path.join(out, "pruned"))
+    assert len(pruned) == 2 and all(len(s["image"]) == 2 and len(s["state"]) == 14 for s in pruned[0]["steps"])
+    one = str(tmp_path / "one")                                 # --cameras picks (and orders) the keys to read
+    train.main(["--stage", "specialist", "--data", str(root), "--out", one, "--cameras", keys[1]] + mc_flags(steps=1))
+    assert tuple(saved_config(os.path.join(one, "specialist", "model"))["cameras"]) == (keys[1],)
+    assert "--demo-task" in error_line(capsys, train.main, ["--stage", "specialist", "--data", str(root), "--out", out,
+                                                           "--demo-task", "bimanual"] + mc_flags())

@@ -2,6 +2,7 @@
 
     python train.py --stage distill                  # fresh machine: demo data, tiny model, the whole chain
     python train.py --stage specialist --data DIR    # DIR: an episode folder or a LeRobot dataset root
+    python train.py --demo-task bimanual --cameras overhead_camera,wrist_camera   # 2 cameras, 14-DoF demo
     torchrun --nproc_per_node 8 train.py --preset paper --stage generalist --mm-data llava.json [--fsdp]
 
     specialist  robot data, no reasoning in the targets (Eq. 2)              -> the action teacher π^a
@@ -71,6 +72,8 @@ class TrainConfig:
     prune: str = "both"             # pruning mode (Table 7): both | scene | kinematic | random | none
     demo_episodes: int = 100        # demo data: expert episodes per tabletop task
     demo_qa: int = 3000             # demo data: question-answer pairs
+    demo_task: str = "single"       # demo robot data: single (3 one-arm tasks, 7-D) | bimanual (2 arms, 14-D)
+    cameras: str = ""               # comma-separated, frame order: demo cameras, LeRobot keys or names; "" = data's
     # model
     backbone: str = ""              # specialist's VLM (hub name or folder); "" = OUT/tiny (demo) or Qwen (paper)
     init: str = ""                  # DualVLA checkpoint to start from; "" = the previous stage's model
@@ -165,7 +168,8 @@ def parse_args(argv):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
         else:
             choices = {"stage": STAGES, "preset": tuple(PRESETS), "schedule": ("constant", "cosine"),
-                       "action_head": ("flow", "tokens"), "prune": prune.MODES, "kd": KD_MODES}.get(f.name)
+                       "action_head": ("flow", "tokens"), "prune": prune.MODES, "kd": KD_MODES,
+                       "demo_task": ("single", "bimanual")}.get(f.name)
             p.add_argument(flag, type=f.type, choices=choices, help=h, metavar=None if choices else f.type.__name__.upper())
     return vars(p.parse_args(argv))
 
@@ -191,33 +195,88 @@ def validate(cfg):
         raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
+    if cfg.data and cfg.demo_task != "single":
+        raise UserError("--demo-task picks the demo's robot data; with --data there is no demo data to pick")
+    if not cfg.data and camera_list(cfg):  # here, on every rank: the demo data is written by rank 0 alone
+        try:
+            tabletop.make(tabletop.TASKS[0], cameras=camera_list(cfg))
+        except ValueError as e:
+            raise UserError(f"--cameras: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
 
+def camera_list(cfg):
+    """--cameras as a tuple of names (empty: the data's own)."""
+    return tuple(c.strip() for c in cfg.cameras.split(",") if c.strip())
+
+
 def demo_data(cfg, ctx):
-    """The tabletop demo set under OUT/data (episodes.jsonl, mm.json, LMUData/), written once."""
+    """The tabletop demo set under OUT/data (episodes.jsonl, mm.json, LMUData/; bimanual/ with
+    --demo-task bimanual), rendered from --cameras (default the overhead camera), written once."""
     root = os.path.join(cfg.out, "data")
-    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(root, "LMUData", "TabletopVQA.tsv")):  # written last
-        print(f"demo data: writing {cfg.demo_episodes} expert episodes per task and {cfg.demo_qa} QA pairs to {root}")
+    written = [os.path.join(root, "LMUData", "TabletopVQA.tsv")]  # written last
+    written += [os.path.join(root, "bimanual", "episodes.jsonl")] if cfg.demo_task == "bimanual" else []
+    if ctx["rank"] == 0 and not all(map(os.path.isfile, written)):
+        cameras = camera_list(cfg) or ("overhead_camera",)
+        print(f"demo data: writing {cfg.demo_episodes} expert episodes per task and {cfg.demo_qa} QA pairs to {root}"
+              f" ({', '.join(cameras)})")
         t0 = time.time()
-        tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed)
+        tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed, cameras=cameras,
+                            bimanual_episodes=cfg.demo_episodes if cfg.demo_task == "bimanual" else 0)
         print(f"demo data: done in {time.time() - t0:.0f} s")
     barrier(ctx)  # always: whether the files exist must not decide which ranks meet here
     return root
 
 
-def robot_episodes(path, load_images=False):
-    """An episode folder or a LeRobot dataset root -> episodes (images as paths unless load_images)."""
+def robot_episodes(path, cameras=(), load_images=False):
+    """An episode folder or a LeRobot dataset root -> episodes (images as paths unless load_images).
+    cameras: the LeRobot image keys to read, in this order (default all); an episode folder has its own."""
     if os.path.isfile(os.path.join(path, "episodes.jsonl")) or path.endswith(".jsonl"):
         return data.read_episodes(path, load_images=load_images)
     if os.path.isfile(os.path.join(path, "meta", "info.json")):
-        return data.read_lerobot(path)  # decoded frames: a LeRobot set must fit in RAM here
+        return data.read_lerobot(path, camera_keys=cameras or None)  # decoded frames: a LeRobot set must fit in RAM
     raise UserError(f"{path}: neither an episode folder (episodes.jsonl) nor a LeRobot dataset (meta/info.json)")
 
 
 def robot_source(cfg, ctx):
-    return cfg.data or demo_data(cfg, ctx)
+    """--data, or the demo's robot episodes (OUT/data, or OUT/data/bimanual for --demo-task bimanual)."""
+    if cfg.data:
+        return cfg.data
+    root = demo_data(cfg, ctx)
+    return os.path.join(root, "bimanual") if cfg.demo_task == "bimanual" else root
+
+
+def data_cameras(cfg, path, robot):
+    """A new model's camera names, in frame order: --cameras, else the data's own (a LeRobot set's image
+    keys, the demo's overhead camera), else "image" for one image per frame and camera_0, camera_1, ...
+    for several (an episode folder names no cameras)."""
+    if camera_list(cfg):
+        return camera_list(cfg)
+    if os.path.isfile(os.path.join(path, "meta", "info.json")):
+        features = data.lerobot_meta(path)["info"]["features"]
+        return tuple(k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") in ("image", "video"))
+    if not cfg.data:
+        return ("overhead_camera",)
+    n = len(robot[0]["image"]) if isinstance(robot[0]["image"], (list, tuple)) else 1
+    return ("image",) if n == 1 else tuple(f"camera_{k}" for k in range(n))
+
+
+def check_robot_data(config, robot, path, cfg):
+    """Every robot frame must fit the model: one image per camera, action and state widths (UserError)."""
+    if camera_list(cfg) and camera_list(cfg) != tuple(config.cameras):
+        raise UserError(f"--cameras {cfg.cameras}: the model was trained with cameras {','.join(config.cameras)} "
+                        f"(in this order); leave --cameras out or match it")
+    hint = "" if cfg.data else " (OUT/data holds the demo data written first: use another --out for other --cameras)"
+    for r in robot:
+        where = f"{path}: episode {r['episode']} step {r['step']}"
+        n = len(r["image"]) if isinstance(r["image"], (list, tuple)) else 1
+        if n != len(config.cameras):
+            raise UserError(f"{where}: {n} image(s) per frame, the model expects {len(config.cameras)} "
+                            f"({', '.join(config.cameras)}){hint}")
+        for field, width in (("action", config.action_dim), ("state", config.state_dim)):
+            if len(r[field]) != width:
+                raise UserError(f"{where}: field '{field}' has {len(r[field])} values, the model expects {width}")
 
 
 def mm_records(cfg, ctx):
@@ -277,14 +336,24 @@ def backbone_path(cfg, ctx):
     return path
 
 
-def new_model(cfg, backbone, robot):
-    """The specialist's starting point: backbone + fresh queries and head, action/state stats of `robot`."""
+def gripper_dims(width):
+    """Entries of an action or state vector left unnormalised (data.action_stats): the gripper, the last of
+    each arm's 7 values (x, y, z, roll, pitch, yaw, gripper), so (6,) for one arm and (6, 13) for two. A
+    width that is not 7 per arm (ours): its last entry is taken as the gripper, as for one arm."""
+    return tuple(range(6, width, 7)) if width % 7 == 0 else (width - 1,)
+
+
+def new_model(cfg, backbone, robot, cameras):
+    """The specialist's starting point: backbone + fresh queries and head, sized to the data (cameras, action
+    and state widths), with per-dimension action/state statistics of `robot`."""
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
+    actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
     model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
                               n_queries=cfg.n_queries, image_size=cfg.image_size,
-                              head_image_size=cfg.head_image_size))
-    model.set_action_stats(data.action_stats(np.stack([r["action"] for r in robot])),
-                           data.action_stats(np.stack([r["state"] for r in robot])))
+                              head_image_size=cfg.head_image_size, cameras=cameras,
+                              action_dim=actions.shape[1], state_dim=states.shape[1]))
+    model.set_action_stats(data.action_stats(actions, gripper_dims(actions.shape[1])),
+                           data.action_stats(states, gripper_dims(states.shape[1])))
     return model
 
 
@@ -555,11 +624,11 @@ def stage_inputs(cfg):
     return {}
 
 
-def build_models(cfg, ctx, inputs, robot):
+def build_models(cfg, ctx, inputs, robot, cameras):
     """The model to train (+ the frozen teachers for distill) on the device, and how to rebuild it unsharded."""
     if cfg.stage == "specialist":
         backbone = None if cfg.init else backbone_path(cfg, ctx)
-        make = lambda: load_model(cfg.init, cfg) if cfg.init else new_model(cfg, backbone, robot)
+        make = lambda: load_model(cfg.init, cfg) if cfg.init else new_model(cfg, backbone, robot, cameras)
     else:
         make = lambda: load_model(inputs["init"], cfg)
     model, teachers = on_device(make(), ctx), ()
@@ -593,9 +662,12 @@ def train(cfg, ctx, inputs):
     """One training stage: data, models, optimizer, the loop, checkpoints, the final model."""
     stage_dir, rank0, t_start = os.path.join(cfg.out, cfg.stage), ctx["rank"] == 0, time.time()
     robot_path = inputs["pruned_data"] if cfg.stage == "distill" else robot_source(cfg, ctx)
-    robot = data.episode_records(robot_episodes(robot_path))
+    robot = data.episode_records(robot_episodes(robot_path, camera_list(cfg)))
+    if not robot:
+        raise UserError(f"{robot_path}: no robot frames")
     mm = mm_records(cfg, ctx) if cfg.stage != "specialist" else []  # Eq. 2: robot data only
-    model, teachers, rebuild = build_models(cfg, ctx, inputs, robot)
+    model, teachers, rebuild = build_models(cfg, ctx, inputs, robot, data_cameras(cfg, robot_path, robot))
+    check_robot_data(model.config, robot, robot_path, cfg)
     data.add_action_chunks(robot, model.config.chunk)
     reasoning = cfg.stage != "specialist"  # Eq. 2: the specialist's targets hold no reasoning
     micro_size, rem = divmod(cfg.batch_size, ctx["world"] * cfg.grad_accum)
@@ -625,7 +697,8 @@ def train(cfg, ctx, inputs):
                 lines = [line for line in f if json.loads(line)["step"] <= start]
             with open(metrics_path, "w") as f:
                 f.writelines(lines)
-        print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path}, {len(mm)} multimodal samples; "
+        print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path} ({', '.join(model.config.cameras)}; "
+              f"{model.config.action_dim}-D actions), {len(mm)} multimodal samples; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {cfg.steps} steps of "
               f"{cfg.batch_size} on {ctx['world']} process(es)"
               + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen else ""))
@@ -688,7 +761,7 @@ def run_prune(cfg, ctx):
     """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json)."""
     out, t0, source = os.path.join(cfg.out, "pruned"), time.time(), robot_source(cfg, ctx)
     if ctx["rank"] == 0:
-        _, stats = prune.prune(robot_episodes(source, load_images=True), cfg.prune, out=out)
+        _, stats = prune.prune(robot_episodes(source, camera_list(cfg), load_images=True), cfg.prune, out=out)
         print(f"prune ({cfg.prune}): reasoning kept on {stats['keyframes']} of {stats['frames']} frames, "
               f"{stats['reasoning_tokens_after']} of {stats['reasoning_tokens_before']} words -> {out}")
     barrier(ctx)
