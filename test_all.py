@@ -2621,7 +2621,10 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
         sim = json.load(open(os.path.join(out, stage, "eval", "sim", "sim_results.json")))
         assert set(sim["success"]) == set(tabletop.TASKS) and len(sim["episodes"]) == 3
         assert os.path.isfile(os.path.join(out, stage, "eval", "mm", "summary.json"))
+        score = json.load(open(os.path.join(out, stage, "eval", "vla_score", "summary.json")))
+        assert score["judge"] == "oracle" and sum(p["episodes"] for p in score["policies"].values()) == 3
         assert f"{stage}: tabletop success" in printed
+    assert len(open(os.path.join(out, "data", "kb.jsonl")).readlines()) == 4 * len(tabletop.TASKS)
     assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
 
 

@@ -796,6 +796,16 @@ def eval_commands(cfg, stage):
             f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
 
 
+def demo_kb(cfg, evaluate):
+    """The demo's VLA Score knowledge base: the expert's rollouts on held-out seeds, oracle-scored (cached)."""
+    kb = os.path.join(cfg.out, "data", "kb.jsonl")
+    if not os.path.isfile(kb):
+        rollouts = os.path.join(cfg.out, "data", "kb_rollouts")
+        evaluate.run_sim(evaluate.SimConfig(env="tabletop", policy="expert", episodes=4, seed=900, out=rollouts))
+        evaluate.build_kb(rollouts, kb)
+    return kb
+
+
 def evaluate_demo(cfg, stages):
     """--stage all: evaluate.py's sim (tabletop) and mm (the demo's TSVs) for each trained model."""
     try:
@@ -806,12 +816,18 @@ def evaluate_demo(cfg, stages):
     if cfg.data:
         print("--data is not the tabletop demo: evaluate with SimplerEnv on a GPU (the commands below)")
         return
+    kb = demo_kb(cfg, evaluate)
     for stage in stages:
         ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
                                                   exec_horizon=8, state=True, reason=stage != "specialist"))
         print(f"{stage}: tabletop success {json.dumps(sim['success'])}")
+        try:  # VLA Score (Eq. 8) with the oracle judge, the demo's KB as few-shot examples
+            evaluate.main_score(evaluate.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
+                                                     image_embedder="pixels", out=os.path.join(out, "eval", "vla_score")))
+        except UserError as e:  # e.g. the text embedder's package is not installed: the rest still counts
+            print(f"{stage}: VLA Score skipped: {e}")
         if not cfg.mm_data:
             model = evaluate.load_policy_model(ckpt)
             mm = evaluate.evaluate_mm(model, evaluate.MMConfig(
