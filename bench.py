@@ -149,6 +149,18 @@ def kinematic_fps(cfg):
     return n_eps * n / median_seconds(lambda: prune.kinematic_labels(pose, grip), max(3, cfg.repeats // 3), 1)
 
 
+def scene_fps(episodes, cfg):
+    """Frames/s of prune.scene_labels (image features + the unsupervised boundary score) and of a
+    trained detector over the same frames (not a ratio: it sizes the scene layer's share of a prune run)."""
+    frames = [[s["image"] for s in ep["steps"]] for ep in episodes]
+    n = sum(len(f) for f in frames)
+    detector = prune.train_detector(episodes, {ep["id"]: np.flatnonzero(prune.phase_boundaries(ep)).tolist()
+                                               for ep in episodes[:3]})
+    run = lambda det: [prune.scene_labels(f, det) for f in frames]
+    reps = max(3, cfg.repeats // 5)
+    return n / median_seconds(lambda: run(None), reps, 1), n / median_seconds(lambda: run(detector), reps, 1)
+
+
 def reader_ratio(episodes, model, robot, cfg):
     """Records/s of the episode reader / records/s one train step consumes (batch / step time)."""
     with tempfile.TemporaryDirectory() as d:
@@ -234,6 +246,7 @@ def run(cfg):
         res["distill_overhead"], mem = distill_figures(path, cfg, robot, mm)
         res["distill_memory"], extra["distill_memory_mb"] = mem["dual"] / mem["plain"], mem
         res["kinematic_fps"] = kinematic_fps(cfg)
+        extra["scene_fps"], extra["scene_fps_detector"] = scene_fps(episodes, cfg)
         res["reader_ratio"], read, consume = reader_ratio(episodes, model, robot, cfg)
         extra["reader_records_per_s"], extra["train_records_per_s"] = read, consume
         res["flow_head_cost"] = flow_head_cost(model, robot, cfg)
