@@ -275,18 +275,18 @@ class DualVLA(nn.Module):
                 else:
                     act_tokens = self.bin_ids[self._bins(a.reshape(-1))].tolist()
                     tail = []
-                seqs.append((prompt, target, act_tokens, tail, len(imgs)))
+                seqs.append((prompt, target, act_tokens, tail))
             else:
                 prompt = self._prompt_ids(len(imgs), rec["instruction"])
                 answer = tok(reasoning_text(rec["reasoning"]), add_special_tokens=False)["input_ids"]
-                seqs.append((prompt, answer + [self.ids[IM_END]], [], [], len(imgs)))
-        L = max(sum(len(p) for p in s[:4]) + (1 if s[2] else 0) for s in seqs)
+                seqs.append((prompt, answer + [self.ids[IM_END]], [], []))
+        L = max(sum(len(p) for p in s) + (1 if s[2] else 0) for s in seqs)  # +1: <|im_end|> after bins
         B = len(records)
         input_ids = torch.full((B, L), self.ids[PAD], dtype=torch.long)
         labels = torch.full((B, L), -100, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
         act_pos = torch.zeros((B, L), dtype=torch.bool)
-        for b, (prompt, target, act_tokens, tail, _) in enumerate(seqs):
+        for b, (prompt, target, act_tokens, tail) in enumerate(seqs):
             ids = prompt + target + act_tokens + ([self.ids[IM_END]] if act_tokens else []) + tail
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attn[b, :len(ids)] = 1
