@@ -101,12 +101,13 @@ def add_action_chunks(records, chunk):
 
 # ---------------------------------------------------------------------------------------------- files
 
-def _atomic_write(path, write, binary=False):
-    """Write through a temporary name and os.replace, so a crash never leaves a half-written file."""
+def atomic_write(path, content, binary=False):
+    """Write `content` (str/bytes, or a function of the open file) through a temporary name and
+    os.replace, so a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+            content(f) if callable(content) else f.write(content)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -114,7 +115,7 @@ def _atomic_write(path, write, binary=False):
 
 
 def _save_png(image, path):
-    _atomic_write(path, lambda f: image.save(f, format="PNG"), binary=True)
+    atomic_write(path, lambda f: image.save(f, format="PNG"), binary=True)
 
 
 def _open_image(source, where):
@@ -211,7 +212,7 @@ def write_episodes(episodes, out_dir):
                                     default=lambda o: o.tolist()) + "\n")  # numpy scalars, e.g. a phase
         except (TypeError, AttributeError) as e:
             raise DataError(f"write_episodes: episode {ep['id']!r}: a field is not JSON-serialisable ({e})") from None
-    _atomic_write(os.path.join(out_dir, "episodes.jsonl"), lambda f: f.writelines(lines))
+    atomic_write(os.path.join(out_dir, "episodes.jsonl"), lambda f: f.writelines(lines))
 
 
 def iter_episodes(path, load_images=True, action_dim=None):
@@ -300,7 +301,7 @@ def write_llava(samples, json_path, image_dir):
         entries.append({"id": str(r.get("id", n)), "image": rels if many else rels[0], "conversations": [
             {"from": "human", "value": "<image>\n" * len(rels) + r["instruction"]},
             {"from": "gpt", "value": reasoning_text(r["reasoning"])}]})
-    _atomic_write(json_path, lambda f: json.dump(entries, f, ensure_ascii=False, indent=1))
+    atomic_write(json_path, lambda f: json.dump(entries, f, ensure_ascii=False, indent=1))
 
 
 def iter_llava(json_path, image_root, load_images=True):

@@ -40,7 +40,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
 import tabletop
-from data import REASONING_TAGS, DataError, reasoning_text
+from data import REASONING_TAGS, DataError, atomic_write, reasoning_text
 from model import DualVLA, UserError
 
 
@@ -1236,13 +1236,6 @@ def generate_predictions(model, rows, prompts, max_new_tokens, batch_size, desc=
     return preds
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _pred_tsv(rows, preds):
     """The benchmark TSV minus images, plus `prediction`: what VLMEvalKit's evaluate() reads."""
     cols = list(rows[0]["columns"]) + ["prediction"]
@@ -1270,8 +1263,8 @@ def run_benchmark(model, name, path, cfg, out_dir, judge=None):
         if group:
             rec["circular_hit"] = group.get(r["index"] % CIRCULAR_OFFSET)
         lines.append(json.dumps(rec, ensure_ascii=False))
-    _write_atomic(os.path.join(out_dir, f"{name}.jsonl"), "".join(line + "\n" for line in lines))
-    _write_atomic(os.path.join(out_dir, f"{name}_pred.tsv"), _pred_tsv(rows, preds))
+    atomic_write(os.path.join(out_dir, f"{name}.jsonl"), "".join(line + "\n" for line in lines))
+    atomic_write(os.path.join(out_dir, f"{name}_pred.tsv"), _pred_tsv(rows, preds))
     return result
 
 
@@ -1307,7 +1300,7 @@ def evaluate_mm(model, cfg, judge=None):
     for n, path in paths.items():
         benchmarks[n] = dict(run_benchmark(model, n, path, cfg, out_dir, judge), ckpt=cfg.ckpt)
     summary = dict(benchmarks=benchmarks, average=paper_average(benchmarks), paper_average=PAPER_MM_AVERAGE)
-    _write_atomic(summary_path, json.dumps(summary, indent=1))
+    atomic_write(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -2033,7 +2026,7 @@ def build_kb(rollout_dir, out_jsonl, n_frames=8):
         frames = [os.path.relpath(Path(r["path"]).parent / f, out.parent) for f in subsample(r["frames"], n_frames)]
         lines.append(json.dumps(dict(task=r["task"], instruction=r["instruction"], frames=frames, scores=scores,
                                      thought=j["thought"], source=os.path.relpath(r["path"], out.parent))))
-    _write_atomic(out, "\n".join(lines) + "\n")
+    atomic_write(out, "\n".join(lines) + "\n")
     return len(lines)
 
 
@@ -2102,8 +2095,8 @@ def main_score(args):
     table = score_table(rows)
     summary = dict(judge=cfg.judge, model=judge_model(cfg), kb=cfg.kb or None,
                    failed=sum(r["failed"] for r in records), policies=rows)
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _write_atomic(out / "summary.md", table + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / "summary.md", table + "\n")
     print(table)
     if summary["failed"]:
         print(f"{summary['failed']} episode(s) could not be judged; see 'error' in {out / 'scores.jsonl'}")

@@ -325,7 +325,7 @@ def train_detector(episodes, boundaries, cfg=None):
 
 def save_detector(net, path):
     """BoundaryNet -> one .pt file (spec + weights), written atomically."""
-    data._atomic_write(path, lambda f: torch.save({"spec": net.spec, "state_dict": net.state_dict()}, f), binary=True)
+    data.atomic_write(path, lambda f: torch.save({"spec": net.spec, "state_dict": net.state_dict()}, f), binary=True)
 
 
 def load_detector(path):
@@ -477,7 +477,7 @@ def prune(records_or_path, mode="both", out=None, cfg=None, detector=None):
     stats = prune_stats(episodes, masks, mode, cfg)
     if out is not None:
         data.write_episodes(pruned, out)
-        data._atomic_write(os.path.join(out, "prune_stats.json"), lambda f: json.dump(stats, f, indent=2))
+        data.atomic_write(os.path.join(out, "prune_stats.json"), lambda f: json.dump(stats, f, indent=2))
         shown = np.unique(np.linspace(0, len(episodes) - 1, min(cfg.filmstrip_episodes, len(episodes))).astype(int))
         filmstrip([episodes[i] for i in shown], [masks[i] for i in shown], mode,
                   os.path.join(out, "filmstrip.png"), cfg)
@@ -543,7 +543,7 @@ def filmstrip(episodes, masks, mode, path, cfg):
         draw.rectangle([x, sheet.height - 10, x + 8, sheet.height - 4], fill=colour)
         draw.text((x + 12, sheet.height - 13), name, fill="black")
         x += 24 + 6 * len(name)
-    data._atomic_write(path, lambda f: sheet.save(f, format="PNG"), binary=True)
+    data.atomic_write(path, lambda f: sheet.save(f, format="PNG"), binary=True)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -652,8 +652,7 @@ def start_stage_dir(stage_dir, cfg, ctx, record):
             if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
                 os.remove(os.path.join(stage_dir, "metrics.jsonl"))
         os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "config.json"), "w") as f:
-            json.dump(dict(asdict(cfg), **record), f, indent=1)
+        data.atomic_write(os.path.join(stage_dir, "config.json"), json.dumps(dict(asdict(cfg), **record), indent=1))
     barrier(ctx)
     return latest[0] if latest else None
 
@@ -695,8 +694,7 @@ def train(cfg, ctx, inputs):
         if start and os.path.isfile(metrics_path):  # drop what a killed run logged after its last checkpoint
             with open(metrics_path) as f:
                 lines = [line for line in f if json.loads(line)["step"] <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(lines)
+            data.atomic_write(metrics_path, "".join(lines))
         print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path} ({', '.join(model.config.cameras)}; "
               f"{model.config.action_dim}-D actions), {len(mm)} multimodal samples; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {cfg.steps} steps of "
@@ -750,8 +748,7 @@ def train(cfg, ctx, inputs):
                    fixed_batch_loss=[fixed_before, fixed_batch_loss(wrapped, teachers, fixed, cfg, ctx, reasoning)],
                    last=log)
     if rank0:
-        with open(os.path.join(stage_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        data.atomic_write(os.path.join(stage_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
