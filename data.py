@@ -22,12 +22,14 @@ Bad input raises DataError naming the file, line/row/episode and field. `python 
 prints what a path holds before a long job.
 """
 import argparse
+import functools
 import glob
 import io
 import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
@@ -115,7 +117,7 @@ def atomic_write(path, content, binary=False):
 
 
 def _save_png(image, path):
-    atomic_write(path, lambda f: image.save(f, format="PNG"), binary=True)
+    atomic_write(path, lambda f: open_image(image).save(f, format="PNG"), binary=True)
 
 
 def _open_image(source, where):
@@ -391,17 +393,18 @@ def mixed_batches(robot, mm, batch_size, mm_ratio, seed=0, rank=0, world_size=1,
 
 def _pyarrow():
     try:
+        import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading LeRobot datasets needs pyarrow: pip install pyarrow") from None
-    return pq, pc
+    return pq, pc, pa
 
 
 def _read_parquet(path, columns=(), only=False):
     """A parquet table that must hold `columns` (and, with only=True, just them: a v3.0 file holds many
     episodes and cameras, so a reader loads no more than it needs)."""
-    pq, _ = _pyarrow()
+    pq = _pyarrow()[0]
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     try:
@@ -513,6 +516,52 @@ def _decode_video(path, timestamps, where, tolerance_s=1e-3):
     return out
 
 
+def _video_fmt(row, key, chunk, ep):
+    """The fields of info.json's video_path template, v2.x and v3.0 alike."""
+    return dict(video_key=key, episode_chunk=chunk, episode_index=ep,
+                chunk_index=row.get(f"videos/{key}/chunk_index"), file_index=row.get(f"videos/{key}/file_index"))
+
+
+@dataclass(frozen=True)
+class LazyFrame:
+    """One LeRobot frame, decoded only when a batch needs it (open_image): a row of a parquet image
+    column, or a timestamp of an mp4. Records of a set far larger than RAM (Bridge, Fractal) hold these."""
+    path: str                # the parquet file, or the mp4
+    key: str = ""            # parquet: the image column
+    row: int = -1            # parquet: the row within the file; -1 = a video frame
+    timestamp: float = 0.0   # video: seconds into the file
+    root: str = ""           # parquet: the dataset root, for image structs that hold a path
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_ends(path):
+    md = _pyarrow()[0].ParquetFile(path).metadata
+    return np.cumsum([md.row_group(i).num_rows for i in range(md.num_row_groups)])
+
+
+@functools.lru_cache(maxsize=8)
+def _row_group_column(path, key, group):
+    """One row group of one image column: random access reads a group, not the file (kept for neighbours)."""
+    return _pyarrow()[0].ParquetFile(path).read_row_group(group, columns=[key]).column(key).to_pylist()
+
+
+def open_image(x, where=""):
+    """A PIL image from what a record holds: a PIL image, a file path or a LazyFrame."""
+    if isinstance(x, Image.Image):
+        return x
+    if not isinstance(x, LazyFrame):
+        return _open_image(x, where or str(x))
+    where = where or f"{x.path} field '{x.key or 'video'}'"
+    if x.row < 0:
+        return _decode_video(x.path, [x.timestamp], where)[0].convert("RGB")
+    ends = _row_group_ends(x.path)
+    group = int(np.searchsorted(ends, x.row, side="right"))
+    cell = _row_group_column(x.path, x.key, group)[x.row - (ends[group - 1] if group else 0)]
+    if not isinstance(cell, dict) or not (cell.get("bytes") or cell.get("path")):
+        raise DataError(f"{where} row {x.row}: expected an image struct {{bytes, path}}")
+    return _open_image(cell["bytes"] or os.path.join(x.root, cell["path"]), f"{where} row {x.row}")
+
+
 def _lerobot_episode(meta, row, cameras, cache, load_images):
     info, root, ep = meta["info"], meta["root"], row["episode_index"]
     features, chunk = info["features"], ep // info.get("chunks_size", 1000)
@@ -523,10 +572,11 @@ def _lerobot_episode(meta, row, cameras, cache, load_images):
                                                            file_index=row["data/file_index"]))
     videos = [k for k in cameras if features[k]["dtype"] == "video"]
     columns = ["episode_index", "frame_index", "task_index", "observation.state", "action"] + \
-        [k for k in cameras if k not in videos] + (["timestamp"] if videos else [])
+        [k for k in cameras if k not in videos and load_images] + (["timestamp"] if videos else [])
     if cache.get("path") != path:  # v3.0 files hold many consecutive episodes: read each file once
-        cache.update(path=path, table=_read_parquet(path, columns, only=True))
-    _, pc = _pyarrow()
+        table = _read_parquet(path, columns, only=True)
+        cache.update(path=path, table=table.append_column("__row", _pyarrow()[2].array(range(table.num_rows))))
+    pc = _pyarrow()[1]
     table = cache["table"].filter(pc.equal(cache["table"]["episode_index"], ep)).sort_by("frame_index")
     where = f"{path} episode {ep}"
     if table.num_rows == 0:
@@ -537,13 +587,17 @@ def _lerobot_episode(meta, row, cameras, cache, load_images):
     states = np.stack([_vector(s, f"{where} row {i}", dims, "observation.state")
                        for i, s in enumerate(col["observation.state"])])
     states = lerobot_state(states, _feature_names(features.get("observation.state")), info.get("robot_type", ""))
-    frames = {k: [None] * table.num_rows for k in cameras}
+    if not load_images:  # references, decoded when a batch needs them (open_image)
+        rows = table["__row"].to_pylist()
+        frames = {k: [LazyFrame(os.path.join(root, info["video_path"].format(**_video_fmt(row, k, chunk, ep))),
+                                timestamp=row.get(f"videos/{k}/from_timestamp", 0.0) + t) for t in col["timestamp"]]
+                  if k in videos else [LazyFrame(path, key=k, row=r, root=root) for r in rows] for k in cameras}
+    else:
+        frames = {k: [None] * table.num_rows for k in cameras}
     for k in cameras if load_images else ():
         if k in videos:
-            fmt = dict(video_key=k, episode_chunk=chunk, episode_index=ep,
-                       chunk_index=row.get(f"videos/{k}/chunk_index"), file_index=row.get(f"videos/{k}/file_index"))
             start = row.get(f"videos/{k}/from_timestamp", 0.0)  # v3.0: this episode's offset in a shared mp4
-            frames[k] = _decode_video(os.path.join(root, info["video_path"].format(**fmt)),
+            frames[k] = _decode_video(os.path.join(root, info["video_path"].format(**_video_fmt(row, k, chunk, ep))),
                                       [start + t for t in col["timestamp"]], f"{where} field '{k}'")
             continue
         for i, cell in enumerate(col[k]):  # HF datasets' Image feature: struct {bytes, path}
@@ -567,7 +621,8 @@ def iter_lerobot(root, episodes=None, camera_keys=None, rank=0, world_size=1, lo
 
     camera_keys: image features to read, in this order (default: every image/video feature, as info.json
     lists them); one camera gives a PIL image per step, several a list. The instruction is the task of the
-    episode's first frame; the state goes through lerobot_state. load_images=False leaves images None.
+    episode's first frame; the state goes through lerobot_state. load_images=False gives LazyFrame
+    references instead of decoded images (open_image decodes one), and reads no image bytes.
     """
     meta = lerobot_meta(root)
     features = meta["info"]["features"]

@@ -171,14 +171,14 @@ def step_field(episode, field):
 def frame_features(frames, thumb=PruneConfig.thumb, hist_bins=PruneConfig.hist_bins):
     """Cheap per-frame image features (N, D): per camera, thumb x thumb pooled RGB and a colour histogram.
 
-    A frame is a PIL image, an (H, W, 3) uint8 array, or a list of those (one per camera); the
-    cameras' features are concatenated. Values are in [0, 1].
+    A frame is a PIL image, an (H, W, 3) uint8 array, a file path or a data.LazyFrame, or a list of those
+    (one per camera); the cameras' features are concatenated. Values are in [0, 1].
     """
     rows = []
     for frame in frames:
         feats = []
         for img in frame if isinstance(frame, (list, tuple)) else [frame]:
-            img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+            img = Image.fromarray(np.asarray(img, np.uint8)) if isinstance(img, np.ndarray) else data.open_image(img)
             small = np.asarray(img.convert("RGB").resize((4 * thumb, 4 * thumb), Image.BOX))  # (4t, 4t, 3)
             pooled = small.reshape(thumb, 4, thumb, 4, 3).mean(axis=(1, 3)) / 255.0
             idx = small.reshape(-1, 3).astype(np.int64) * hist_bins // 256 + np.arange(3) * hist_bins
@@ -525,7 +525,7 @@ def filmstrip(episodes, masks, mode, path, cfg):
         for c, t in enumerate(shown):
             img = ep["steps"][t]["image"]
             img = img[0] if isinstance(img, (list, tuple)) else img
-            img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+            img = Image.fromarray(np.asarray(img, np.uint8)) if isinstance(img, np.ndarray) else data.open_image(img)
             x = pad + c * (size + pad)
             sheet.paste(img.convert("RGB").resize((size - 4, size - 4)), (x + 2, y0 + 14))
             draw.rectangle([x, y0 + 12, x + size - 1, y0 + 11 + size],

@@ -832,6 +832,24 @@ def test_lerobot_read_back(tmp_path, version, video, cameras):
     assert len(one) == 1 and isinstance(one[0]["steps"][0]["image"], Image.Image)
 
 
+@pytest.mark.parametrize("version,video", [("v2.0", False), ("v2.1", True), ("v3.0", False), ("v3.0", True)])
+def test_lerobot_lazy_frames_decode_to_the_eager_ones(tmp_path, version, video):
+    """load_images=False: records hold LazyFrames (no image bytes read), open_image gives the same pixels."""
+    cameras = ("observation.images.image_0", "observation.images.image_1")
+    root = tmp_path / "bridge_orig_lerobot"
+    write_lerobot(root, version, video, cameras)
+    eager, lazy = data.read_lerobot(root), data.read_lerobot(root, load_images=False)
+    for a, b in zip(eager, lazy):
+        for sa, sb in zip(a["steps"], b["steps"]):
+            assert all(isinstance(x, data.LazyFrame) for x in sb["image"])
+            for x, y in zip(sa["image"], sb["image"]):
+                assert np.array_equal(np.asarray(x), np.asarray(data.open_image(y)))
+    recs = data.episode_records(lazy)    # a pruned copy written from references holds real PNGs
+    data.write_episodes(data.records_to_episodes(recs[:3]), tmp_path / "copy")
+    back = data.read_episodes(tmp_path / "copy")
+    assert np.array_equal(np.asarray(back[0]["steps"][0]["image"][1]), np.asarray(eager[0]["steps"][0]["image"][1]))
+
+
 def test_lerobot_fractal_state_and_errors(tmp_path):
     root = tmp_path / "ds"
     write_lerobot(root, "v2.0", False)

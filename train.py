@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -235,7 +234,7 @@ def robot_episodes(path, cameras=(), load_images=False):
     if os.path.isfile(os.path.join(path, "episodes.jsonl")) or path.endswith(".jsonl"):
         return data.read_episodes(path, load_images=load_images)
     if os.path.isfile(os.path.join(path, "meta", "info.json")):
-        return data.read_lerobot(path, camera_keys=cameras or None)  # decoded frames: a LeRobot set must fit in RAM
+        return data.read_lerobot(path, camera_keys=cameras or None, load_images=load_images)  # else LazyFrames
     raise UserError(f"{path}: neither an episode folder (episodes.jsonl) nor a LeRobot dataset (meta/info.json)")
 
 
@@ -287,11 +286,9 @@ def mm_records(cfg, ctx):
 
 
 def open_images(records):
-    """Records of one batch with their images opened (records hold file paths until they are used)."""
+    """Records of one batch with their images opened (records hold paths or LeRobot LazyFrames until used)."""
     def load(x):
-        if isinstance(x, (list, tuple)):
-            return [load(y) for y in x]
-        return x if isinstance(x, Image.Image) else Image.open(x).convert("RGB")
+        return [load(y) for y in x] if isinstance(x, (list, tuple)) else data.open_image(x)
     return [dict(r, image=load(r["image"])) for r in records]
 
 
@@ -758,7 +755,7 @@ def run_prune(cfg, ctx):
     """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json)."""
     out, t0, source = os.path.join(cfg.out, "pruned"), time.time(), robot_source(cfg, ctx)
     if ctx["rank"] == 0:
-        _, stats = prune.prune(robot_episodes(source, camera_list(cfg), load_images=True), cfg.prune, out=out)
+        _, stats = prune.prune(robot_episodes(source, camera_list(cfg)), cfg.prune, out=out)  # frames opened per episode
         print(f"prune ({cfg.prune}): reasoning kept on {stats['keyframes']} of {stats['frames']} frames, "
               f"{stats['reasoning_tokens_after']} of {stats['reasoning_tokens_before']} words -> {out}")
     barrier(ctx)
