@@ -376,15 +376,15 @@ class DualVLA(nn.Module):
                                      pad_token_id=self.ids[PAD], logits_processor=logits_processor)
         return out[:, batch["input_ids"].shape[1]:]
 
-    def _left_padded(self, prompts, images):
-        """Prompt batch, left-padded for generation (new tokens then line up at the right)."""
+    def _left_padded(self, prompts, pixels):
+        """Prompt batch, left-padded for generation (new tokens then line up at the right).
+        pixels: (pixel_values, image_grid_thw) of the batch's images, from _pixels."""
         L = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), L), self.ids[PAD], dtype=torch.long)
         attn = torch.zeros_like(ids)
         for b, p in enumerate(prompts):
             ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
-        pixel_values, grid = self._pixels(images)
-        return dict(input_ids=ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
+        return dict(input_ids=ids, attention_mask=attn, pixel_values=pixels[0], image_grid_thw=pixels[1],
                     mm_token_type_ids=(ids == self.ids[IMAGE_PAD]).int())
 
     @torch.no_grad()
@@ -392,7 +392,7 @@ class DualVLA(nn.Module):
         """Greedy answers for a batch: images is a list (per sample) of lists of PIL images."""
         images = [[im.convert("RGB") for im in ims] for ims in images]
         prompts = [self._prompt_ids(len(ims), q) for ims, q in zip(images, questions)]
-        batch = self._left_padded(prompts, [im for ims in images for im in ims])
+        batch = self._left_padded(prompts, self._pixels([im for ims in images for im in ims]))
         new = self._generate(batch, max_new_tokens, [self.ids[IM_END], self.ids[PAD]])
         return [self.tokenizer.decode(seq[seq != self.ids[PAD]], skip_special_tokens=True).strip() for seq in new]
 
@@ -402,27 +402,25 @@ class DualVLA(nn.Module):
         cfg, dev = self.config, self.queries.device
         rec = dict(image=image, instruction=instruction, state=state, domain="robot")
         imgs = self._images(rec)
+        pixels = self._pixels(imgs)  # once per control step: generation and the action share it
         prompt = self._robot_prompt(rec)
         reasoning_ids = []
         if reason:
-            batch = self._left_padded([prompt], imgs)
+            batch = self._left_padded([prompt], pixels)
             new = self._generate(batch, cfg.max_reasoning_tokens, [self.ids[ACT], self.ids[IM_END]])[0].tolist()
             reasoning_ids = [i for i in new if i not in (self.ids[ACT], self.ids[IM_END], self.ids[PAD])]
         reasoning = self.tokenizer.decode(reasoning_ids, skip_special_tokens=True).strip()
         n_tokens = len(reasoning_ids) + int(reason)
         if cfg.action_head == "tokens":
-            batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]]], imgs)
+            batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]]], pixels)
             n_act = cfg.chunk * cfg.action_dim
             new = self._generate(batch, n_act, None, [_AllowOnly(self.bin_ids)], min_new_tokens=n_act)[0]
             bins = torch.searchsorted(self.bin_ids.to(new.device), new[:n_act]).cpu().numpy()
             actions = ((bins + 0.5) / cfg.n_bins * 2 - 1).reshape(cfg.chunk, cfg.action_dim)
         else:
-            ids = prompt + reasoning_ids + [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries
-            input_ids = torch.tensor([ids])
-            pixel_values, grid = self._pixels(imgs)
-            batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
-                         image_grid_thw=grid, mm_token_type_ids=(input_ids == self.ids[IMAGE_PAD]).int(),
-                         query_mask=input_ids == self.ids[QUERY])
+            batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries],
+                                      pixels)
+            batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
             h = self.hidden_states({k: v.to(dev) for k, v in batch.items()})
             qs = h[batch["query_mask"].to(dev)].view(1, cfg.n_queries, -1)
             state_t = torch.from_numpy(self._state(rec))[None].to(dev)
