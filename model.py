@@ -246,7 +246,7 @@ class DualVLA(nn.Module):
     def make_batch(self, records, reasoning=True):
         """Records -> right-padded model inputs. `reasoning=False` drops r (the action teacher's view)."""
         cfg, tok = self.config, self.tokenizer
-        seqs, images, states, actions, amasks = [], [], [], [], []
+        seqs, images, robot_images, states, actions, amasks = [], [], [], [], [], []
         for rec in records:
             imgs = self._images(rec) if rec["domain"] == "robot" else (
                 rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])
@@ -269,7 +269,7 @@ class DualVLA(nn.Module):
                                     f"shape {a.shape}, model expects ({cfg.chunk}, {cfg.action_dim})")
                 if self.norm_stats.get("action"):
                     a = normalize_action(a, self.norm_stats["action"])
-                actions.append(a), amasks.append(m), states.append(self._state(rec))
+                actions.append(a), amasks.append(m), states.append(self._state(rec)), robot_images.append(imgs)
                 if cfg.action_head == "flow":
                     tail, act_tokens = [self.ids[QUERY]] * cfg.n_queries, []
                 else:
@@ -303,10 +303,9 @@ class DualVLA(nn.Module):
                      query_mask=input_ids == self.ids[QUERY], action_positions=act_pos, is_robot=robot,
                      records=records, domain=[r["domain"] for r in records])
         if robot.any():
-            robot_imgs = [self._images(r) for r in records if r["domain"] == "robot"]
             batch.update(states=torch.from_numpy(np.stack(states)), actions=torch.from_numpy(np.stack(actions)),
                          action_mask=torch.from_numpy(np.stack(amasks)),
-                         head_pixels=torch.stack([self._head_pixels(ims) for ims in robot_imgs]))
+                         head_pixels=torch.stack([self._head_pixels(ims) for ims in robot_images]))
         return batch
 
     # ---- training forward
