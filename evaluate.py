@@ -40,7 +40,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
 import tabletop
-from data import REASONING_TAGS, DataError, atomic_write, reasoning_text
+from data import REASONING_TAGS, DataError, atomic_write, open_image, reasoning_text
 from model import DualVLA, UserError
 
 
@@ -888,7 +888,7 @@ def row_images(row):
     try:
         if row["images"] is not None:
             return [_open_b64(s).convert("RGB") for s in row["images"]]
-        return [Image.open(p).convert("RGB") for p in row["image_paths"]]
+        return [open_image(p, f"{row['where']}, column 'image_path'") for p in row["image_paths"]]
     except (binascii.Error, ValueError, OSError) as e:
         col = "image" if row["images"] is not None else "image_path"
         raise DataError(f"{row['where']}, column '{col}': cannot decode the image ({e})") from None
@@ -1794,7 +1794,7 @@ def load_kb(path):
         for f in files:
             if not f.is_file():
                 raise DataError(f"{path} line {n}: field 'frames': image not found: {f}")
-        e["images"] = [Image.open(f).convert("RGB") for f in files]
+        e["images"] = [open_image(str(f), f"{path} line {n} field 'frames'") for f in files]
         kb.append(e)
     if not kb:
         raise DataError(f"{path}: the knowledge base is empty")
@@ -1936,7 +1936,7 @@ def read_rollouts(folder):
         r["path"], r["actions"] = str(p), acts
         r["reasoning"] = r.get("reasoning") or [None] * len(acts)
         r["frame_steps"] = r.get("frame_steps") or list(range(len(r["frames"])))
-        r["images"] = [Image.open(p.parent / f).convert("RGB") for f in r["frames"]]
+        r["images"] = [open_image(str(p.parent / f), f"{p} field 'frames'") for f in r["frames"]]
         rollouts.append(r)
     return rollouts
 
