@@ -323,11 +323,17 @@ class DualVLA(nn.Module):
                                   mm_token_type_ids=batch["mm_token_type_ids"])
         return out.last_hidden_state
 
+    def to_device(self, batch):
+        """A batch's tensors on the model's device (make_batch builds them on the CPU)."""
+        dev = self.queries.device
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def forward(self, batch, noise=None, t=None):
         """Eq. 2/3: lm_loss over the text targets, action_loss over the action (CE on bins or flow MSE).
 
         `noise`/`t` may be given so that a teacher sees the very same noisy action (distill.py).
         """
+        batch = self.to_device(batch)
         h = self.hidden_states(batch)                                    # (B, L, H)
         logits = self.backbone.lm_head(h)                                # (B, L, V)
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
@@ -343,19 +349,19 @@ class DualVLA(nn.Module):
             n_act = self.config.chunk * self.config.action_dim
             action_logits = shift_logits[pos][:, self.bin_ids.to(logits.device)].view(-1, n_act, self.config.n_bins)
             targets = torch.searchsorted(self.bin_ids.to(logits.device), shift_labels[pos]).view(-1, n_act)
-            mask = batch["action_mask"].to(logits.device).repeat_interleave(self.config.action_dim, 1)
+            mask = batch["action_mask"].repeat_interleave(self.config.action_dim, 1)
             ce = F.cross_entropy(action_logits.transpose(1, 2), targets, reduction="none")
             out.update(action_logits=action_logits, action_targets=targets,
                        action_sum=(ce * mask).sum(), action_count=mask.sum())
         else:
             qs = h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1])  # (Br, Q, H)
-            ctx = self.head.context(qs, batch["head_pixels"].to(h.device), batch["states"].to(h.device))
-            x1 = batch["actions"].to(h.device)
+            ctx = self.head.context(qs, batch["head_pixels"], batch["states"])
+            x1 = batch["actions"]
             noise = torch.randn_like(x1) if noise is None else noise
             t = torch.rand(x1.shape[0], device=h.device) if t is None else t
             x_t = t[:, None, None] * x1 + (1 - t[:, None, None]) * noise      # rectified-flow path
             v = self.head(x_t, t, ctx)
-            mask = batch["action_mask"].to(h.device)[..., None].float()
+            mask = batch["action_mask"][..., None].float()
             se = ((v - (x1 - noise)) ** 2 * mask).sum()                        # target velocity x1 - x0
             out.update(velocity=v, noise=noise, t=t, x_t=x_t, action_sum=se,
                        action_count=mask.sum() * self.config.action_dim)
@@ -420,8 +426,9 @@ class DualVLA(nn.Module):
             batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries],
                                       pixels)
             batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
-            h = self.hidden_states({k: v.to(dev) for k, v in batch.items()})
-            qs = h[batch["query_mask"].to(dev)].view(1, cfg.n_queries, -1)
+            batch = self.to_device(batch)
+            h = self.hidden_states(batch)
+            qs = h[batch["query_mask"]].view(1, cfg.n_queries, -1)
             state_t = torch.from_numpy(self._state(rec))[None].to(dev)
             ctx = self.head.context(qs, self._head_pixels(imgs)[None].to(dev), state_t)
             actions = self.sample_actions(ctx).cpu().numpy()[0]

@@ -360,15 +360,7 @@ def load_model(path, cfg):
 
 
 def on_device(model, ctx):
-    model.register_forward_pre_hook(inputs_to_device, with_kwargs=True)
-    return model.to(ctx["device"])
-
-
-def inputs_to_device(module, args, kwargs):
-    """Move a batch's tensors to the model's device: distill.py builds teacher batches on the CPU."""
-    dev = module.queries.device
-    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in args[0].items()}
-    return (batch,) + args[1:], kwargs
+    return model.to(ctx["device"])  # DualVLA.forward moves each batch (distill.py builds teachers' on the CPU)
 
 
 def set_vlm_trainable(model, trainable):
