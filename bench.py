@@ -3,13 +3,22 @@
     python bench.py            # the table
     python bench.py --quick    # fewer repeats, < 2 min on 2 cores
     python bench.py --json     # one JSON object
+    python bench.py --gpu [--gpu-out FILE]   # absolute GPU figures of the paper preset (below), instead
+    python bench.py --gpu --gpu-size tiny    # the same code path on a tiny model, in seconds on a CPU
 
 Every figure is a ratio of two medians taken in this process, so
 it holds across machines far better than an absolute time. Warm-up runs are excluded.
+
+--gpu (issue #12) measures the paper preset's train steps on a random model of Qwen2.5-VL-3B's size
+through train.py's own model setup and step functions: a plain fine-tune step and a `--kd dual`
+distill step (student + two teachers resident), each as samples/s, tokens/s, MFU and peak memory.
 """
 import argparse
+import copy
+import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,12 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+import transformers
 
 import data
 import distill
 import prune
 import tabletop
-from model import DualVLA, VLAConfig, build_tiny
+import train
+from model import DualVLA, VLAConfig, build_tiny, tiny_backbone
 
 
 @dataclass
@@ -37,6 +48,11 @@ class BenchConfig:
     image_size: int = 56      #     not Python overhead, dominates a step)
     demo: str = "runs/demo"   # trained checkpoints for pruned_speedup (python train.py --stage distill)
     json: bool = False
+    gpu: bool = False         # the GPU figures instead of the ratios
+    gpu_size: str = "3b"      # 3b: Qwen2.5-VL-3B's size (needs CUDA) | tiny: build_tiny's, for a CPU test
+    gpu_micro: int = 16       # per-GPU micro-batch: the paper preset's global 128 over 8 GPUs, no accumulation
+    gpu_repeats: int = 5      # timed steps per figure (median), after 2 warm-up steps
+    gpu_out: str = ""         # also write the GPU figures to this JSON file
 
 
 TARGETS = dict(train_overhead=("<=", 1.15), distill_overhead=("<=", 1.5), distill_memory=("<=", 1.6),
@@ -257,6 +273,218 @@ def run(cfg):
                 torch=torch.__version__)
 
 
+# ----------------------------------------------------------------------------- GPU figures (issue #12)
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json, so that a random model of the real size is built offline
+# (transformers' Qwen2_5_VLConfig defaults are the 7B's): 3.75 B parameters. The tokenizer and image
+# processor stay build_tiny's (its BPE splits some reasoning words that Qwen's would not: see tokens/sample).
+GPU_SIZES = {
+    "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2,
+               text=dict(intermediate_size=11008, vocab_size=151936, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                  mrope_section=[16, 24, 24])),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)),
+    "tiny": {},  # build_tiny's defaults
+}
+
+# Dense bf16 tensor-core peak FLOP/s (datasheets, without sparsity); the first key found in the device
+# name wins. NVL parts are clocked below their SXM siblings: no number rather than a wrong one.
+PEAK_BF16 = (("NVL", None), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def paper_records(n_mm=32):
+    """Demo-like robot frames (one expert episode per task, reasoning on every frame, as the generalist
+    trains) and QA samples, rendered at 224 px: the paper preset's image side, so nothing is upsampled."""
+    episodes = [tabletop.expert_episode(t, 10_000, 224) for t in tabletop.TASKS]
+    return data.add_action_chunks(data.episode_records(episodes), 16), tabletop.qa_samples(123, n_mm, 224)
+
+
+def paper_student(cfg, ctx, size, robot):
+    """The model train.py's specialist stage starts from (train.new_model, train.as_student), on a random
+    backbone made on the device: a 3B model's weights never touch the disk or the CPU."""
+    parts = tiny_backbone(**GPU_SIZES[size], device=ctx["device"])
+    model = train.new_model(cfg, f"random Qwen2.5-VL ({size})", robot, ("overhead_camera",), parts)
+    return train.as_student(model, cfg, ctx)
+
+
+def paper_teacher(student, cfg, ctx):
+    """A frozen teacher as train.build_models makes one (train.as_teacher: bf16 on GPU). Its weights are a
+    copy of the student's: only its cost counts here."""
+    backbone = copy.deepcopy(student.backbone)
+    backbone.gradient_checkpointing_disable()  # train.py's teachers come from checkpoints, without it
+    return train.as_teacher(DualVLA(student.config, backbone, student.tokenizer, student.image_processor), cfg, ctx)
+
+
+def param_groups(model):
+    """Parameters by the positions they are applied to: (LLM per token, vision blocks per patch, merger
+    per image token). The tied embedding / lm_head matrix counts once, as the lm_head's matmul."""
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    visual = model.backbone.model.visual
+    return np.array([count(model.backbone) - count(visual), count(visual) - count(visual.merger),
+                     count(visual.merger)], dtype=np.float64)
+
+
+def sequence_counts(model, records, reasoning=True):
+    """(LLM tokens without padding, vision patches, image tokens) of the batch make_batch builds, and its
+    padded token count."""
+    b = model.make_batch(records, reasoning=reasoning)
+    patches = int(b["image_grid_thw"].prod(-1).sum())
+    merged = patches // model.backbone.config.vision_config.spatial_merge_size ** 2
+    return np.array([int(b["attention_mask"].sum()), patches, merged], dtype=np.float64), b["input_ids"].numel()
+
+
+def model_flops(model, records, teachers):
+    """Model FLOPs of one train step on `records` (MFU's numerator):
+
+        6 · (N_llm · tokens + N_vision · patches + N_merger · image tokens)   student forward + backward
+      + 2 · (the same sum over what each teacher is shown)                   teacher forwards (distill)
+
+    N: the parameters applied at those positions (param_groups); 6 = 2 forward + 4 backward per
+    parameter and position, 2 for a forward alone (PaLM's definition without attention's L² term, ~1 %
+    here). Gradient checkpointing's recomputed forward is not model FLOPs; the action expert (~0.1 GFLOP
+    a sample) is left out. The teachers' views follow distill.dual_teacher_loss with kd="dual": the
+    action teacher sees the robot frames without reasoning, the reasoning teacher the multimodal samples.
+    """
+    n = param_groups(model)
+    flops = 6 * n @ sequence_counts(model, records)[0]
+    if teachers:
+        robot = [r for r in records if r["domain"] == "robot"]
+        mm = [r for r in records if r["domain"] == "mm"]
+        flops += 2 * n @ sequence_counts(model, robot, reasoning=False)[0] if robot else 0
+        flops += 2 * n @ sequence_counts(model, mm)[0] if mm else 0
+    return float(flops)
+
+
+def step_figures(run, model, records, teachers, cfg, ctx):
+    """Median step time after 2 warm-up steps, and what follows from it; peak memory since the reset
+    (the first warm-up step creates the gradients and AdamW state, so they are in it), as allocated by
+    tensors and as reserved by the caching allocator (what must fit on the device)."""
+    cuda = ctx["device"].type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(ctx["device"])
+    seconds = median_seconds(run, cfg.gpu_repeats, warmup=2)
+    counts, padded = sequence_counts(model, records)
+    flops, peak = model_flops(model, records, teachers), peak_flops(ctx["device"])
+    return dict(micro_batch=len(records), step_s=seconds, samples_per_s=len(records) / seconds,
+                tokens_per_s=counts[0] / seconds, tokens_per_sample=counts[0] / len(records),
+                padded_tokens_per_sample=padded / len(records), image_tokens_per_sample=counts[2] / len(records),
+                model_tflop_per_step=flops / 1e12, mfu=flops / seconds / peak if peak else None,
+                peak_memory_gib=torch.cuda.max_memory_allocated(ctx["device"]) / 2**30 if cuda else None,
+                peak_reserved_gib=torch.cuda.max_memory_reserved(ctx["device"]) / 2**30 if cuda else None)
+
+
+def fitting_figures(name, make_run, model, batches, teachers, cfg, ctx, say):
+    """step_figures at the first micro-batch of `batches` (largest first) that fits in device memory."""
+    for records in batches:
+        try:
+            result = step_figures(make_run(records), model, records, teachers, cfg, ctx)
+            say(f"{name}: micro-batch {len(records)}, {result['step_s']:.3f} s/step")
+            return result
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # out of the except block, so the traceback's frames (and the activations they hold) are gone
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        say(f"{name}: out of memory at micro-batch {len(records)}")
+    return dict(out_of_memory=[len(r) for r in batches])
+
+
+def train_step(student, teachers, opt, cfg, ctx):
+    """records -> one train.py step on them: distill_losses with teachers, vla_losses without (as train.train
+    picks), then optimizer_step; waits for the GPU so that a timer sees the whole step."""
+    sync = torch.cuda.synchronize if ctx["device"].type == "cuda" else lambda: None
+
+    def make_run(records):
+        def run():
+            if teachers:
+                train.distill_losses(student, teachers, [records], 0, cfg, ctx)
+            else:
+                train.vla_losses(student, [records], 0, cfg, ctx, reasoning=True)
+            train.optimizer_step(student, opt, cfg)
+            sync()
+        return run
+    return make_run
+
+
+def gpu_figures(cfg):
+    """The paper preset's fine-tune step and `--kd dual` distill step on one device (issue #12), through
+    train.py's model setup (new_model, as_student, as_teacher, make_optimizer) and step functions
+    (vla_losses, distill_losses, optimizer_step): fp32 master weights under bf16 autocast on CUDA, bf16
+    teachers, gradient checkpointing, AdamW, 224 px images, 64 queries, a flow head with chunk 16.
+    Both steps see the same batches, reasoning on every robot frame (pruned data would be shorter)."""
+    t0, device = time.perf_counter(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    if device.type == "cpu":
+        if cfg.gpu_size == "3b":  # 60 GB of fp32 weights, gradients and AdamW state
+            raise SystemExit("bench.py --gpu: no CUDA device; the 3b size needs one "
+                             "(--gpu-size tiny runs the same code path on the CPU)")
+        torch.set_num_threads(cfg.threads)
+    ctx = dict(rank=0, world=1, device=device)
+    finetune, distill_cfg = (train.stage_config(stage, dict(preset="paper")) for stage in ("generalist", "distill"))
+    robot, mm = paper_records()
+    # train.py's mixture (mm_ratio of each micro-batch multimodal), at the micro-batch and its halvings
+    sizes = [cfg.gpu_micro >> k for k in range(cfg.gpu_micro.bit_length())]
+    batches = [next(data.mixed_batches(robot, mm, m, finetune.mm_ratio, finetune.seed)) for m in sizes]
+    name, peak = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", peak_flops(device)
+    say(f"device {name}; building a random Qwen2.5-VL of the {cfg.gpu_size} size")
+    student = paper_student(finetune, ctx, cfg.gpu_size, robot)
+    opt = train.make_optimizer(student, finetune)
+    res = dict(device=name, torch=torch.__version__, transformers=transformers.__version__, size=cfg.gpu_size,
+               params=sum(p.numel() for p in student.parameters()),
+               backbone_params=sum(p.numel() for p in student.backbone.parameters()),
+               attention=student.backbone.config._attn_implementation,
+               bf16_autocast=device.type == "cuda" and finetune.bf16, grad_checkpointing=finetune.grad_checkpointing,
+               peak_bf16_tflops=peak / 1e12 if peak else None, repeats=cfg.gpu_repeats,
+               image_size=finetune.image_size, n_queries=finetune.n_queries, mm_ratio=finetune.mm_ratio)
+    say(f"student: {res['params'] / 1e9:.3f} B parameters, {res['attention']} attention")
+    res["finetune"] = fitting_figures("finetune", train_step(student, (), opt, finetune, ctx), student, batches, (),
+                                      cfg, ctx, say)
+    try:
+        teachers = tuple(paper_teacher(student, distill_cfg, ctx) for _ in range(2))
+    except torch.cuda.OutOfMemoryError:
+        teachers = None
+    if teachers is None:
+        say("distill: out of memory building the two teachers")
+        res["distill"] = dict(out_of_memory=["teachers"])
+    else:
+        distill.check_teachers(student, *teachers)
+        say("teachers: 2 frozen copies of the student" + (", bf16" if device.type == "cuda" else ""))
+        res["distill"] = fitting_figures("distill", train_step(student, teachers, opt, distill_cfg, ctx), student,
+                                         batches, teachers, cfg, ctx, say)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def gpu_table(res):
+    def cell(fig, key, fmt):
+        v = fig.get(key)
+        return "n/a" if v is None else format(v, fmt)
+    rows = [f"{res['device']}, torch {res['torch']}: random Qwen2.5-VL ({res['size']}), {res['params'] / 1e9:.3f} B "
+            f"params, image {res['image_size']} px, {res['n_queries']} queries, median of {res['repeats']} steps",
+            "| step | micro-batch | s/step | samples/s | tokens/s | tokens/sample | TFLOP/step | MFU | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for step in ("finetune", "distill"):
+        fig = res[step]
+        if "out_of_memory" in fig:
+            rows.append(f"| {step} | out of memory at {fig['out_of_memory']} | | | | | | | |")
+            continue
+        rows.append(f"| {step} | {fig['micro_batch']} | {fig['step_s']:.3f} | {fig['samples_per_s']:.1f} | "
+                    f"{fig['tokens_per_s']:,.0f} | {fig['tokens_per_sample']:.0f} | "
+                    f"{fig['model_tflop_per_step']:.1f} | {cell(fig, 'mfu', '.1%')} | "
+                    f"{cell(fig, 'peak_memory_gib', '.1f')} |")
+    return "\n".join(rows)
+
+
 def table(result):
     rows = ["| figure | value | target | met |", "|---|---|---|---|"]
     for k, v in result["figures"].items():
@@ -279,10 +507,22 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     p.add_argument("--demo", default=d.demo, help="folder with generalist/ and distill/ checkpoints")
+    p.add_argument("--gpu", action="store_true", help="the GPU figures of the paper preset instead (issue #12)")
+    p.add_argument("--gpu-size", choices=tuple(GPU_SIZES), default=d.gpu_size,
+                   help="3b: Qwen2.5-VL-3B's size; tiny: a CPU-sized test of the same path (default %(default)s)")
+    p.add_argument("--gpu-micro", type=int, default=d.gpu_micro,
+                   help="per-GPU micro-batch, halved until it fits (default %(default)s)")
+    p.add_argument("--gpu-repeats", type=int, default=d.gpu_repeats, help="timed steps (default %(default)s)")
+    p.add_argument("--gpu-out", default=d.gpu_out, help="write the GPU figures to this JSON file too")
     a = p.parse_args(argv)
-    cfg = BenchConfig(quick=a.quick, json=a.json, threads=a.threads, demo=a.demo, repeats=5 if a.quick else d.repeats)
-    result = run(cfg)
-    print(json.dumps(result) if cfg.json else table(result))
+    cfg = BenchConfig(quick=a.quick, json=a.json, threads=a.threads, demo=a.demo, repeats=5 if a.quick else d.repeats,
+                      gpu=a.gpu, gpu_size=a.gpu_size, gpu_micro=a.gpu_micro, gpu_repeats=a.gpu_repeats,
+                      gpu_out=a.gpu_out)
+    result = gpu_figures(cfg) if cfg.gpu else run(cfg)
+    if cfg.gpu and cfg.gpu_out:
+        data.atomic_write(cfg.gpu_out, json.dumps(result, indent=1))
+    print(json.dumps(result) if cfg.json else (gpu_table if cfg.gpu else table)(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -515,6 +515,20 @@ TINY_CORPUS = [
 def build_tiny(path, hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2,
                vocab=1024, seed=0):
     """A random tiny Qwen2.5-VL with an offline-trained byte-level BPE tokenizer, saved as an HF folder."""
+    model, tok, image_processor = tiny_backbone(hidden, layers, heads, kv_heads, vision_hidden, vision_depth,
+                                                vocab, seed)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+def tiny_backbone(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2, vocab=1024, seed=0,
+                  text=None, vision=None, device=None):
+    """(model, tokenizer, image processor) of build_tiny, in memory. `text`/`vision` override fields of the
+    model's text/vision config (bench.py builds Qwen2.5-VL-3B's size this way); `device`: where the random
+    weights are made (a 3B model is initialised far faster on the GPU than on the CPU)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                               Qwen2VLImageProcessorPil)
@@ -535,21 +549,20 @@ def build_tiny(path, hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32,
     section = [head_dim // 2 - 2 * third, third, third]
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=ids[IM_START],
-                         eos_token_id=ids[IM_END], pad_token_id=ids[PAD],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section)),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+        text_config=dict(dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                              max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=ids[IM_START],
+                              eos_token_id=ids[IM_END], pad_token_id=ids[PAD],
+                              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section)),
+                         **(text or {})),
+        vision_config=dict(dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                                temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+                           **(vision or {})),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
         bos_token_id=ids[IM_START], eos_token_id=ids[IM_END], pad_token_id=ids[PAD], tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(cfg)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=448 * 448).save_pretrained(path)
-    return path
+    with torch.device(device or "cpu"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    return model, tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=448 * 448)

@@ -340,15 +340,16 @@ def gripper_dims(width):
     return tuple(range(6, width, 7)) if width % 7 == 0 else (width - 1,)
 
 
-def new_model(cfg, backbone, robot, cameras):
+def new_model(cfg, backbone, robot, cameras, parts=()):
     """The specialist's starting point: backbone + fresh queries and head, sized to the data (cameras, action
-    and state widths), with per-dimension action/state statistics of `robot`."""
+    and state widths), with per-dimension action/state statistics of `robot`. `parts`: an already built
+    (backbone model, tokenizer, image processor) to use instead of loading `backbone` (bench.py's)."""
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
     actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
     model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
                               n_queries=cfg.n_queries, image_size=cfg.image_size,
                               head_image_size=cfg.head_image_size, cameras=cameras,
-                              action_dim=actions.shape[1], state_dim=states.shape[1]))
+                              action_dim=actions.shape[1], state_dim=states.shape[1]), *parts)
     model.set_action_stats(data.action_stats(actions, gripper_dims(actions.shape[1])),
                            data.action_stats(states, gripper_dims(states.shape[1])))
     return model
@@ -361,6 +362,22 @@ def load_model(path, cfg):
 
 def on_device(model, ctx):
     return model.to(ctx["device"])  # DualVLA.forward moves each batch (distill.py builds teachers' on the CPU)
+
+
+def as_student(model, cfg, ctx):
+    """The model to train, on the device; with --grad-checkpointing the backbone recomputes its activations
+    in backward instead of keeping them (a 3B backbone's would not fit beside its AdamW state)."""
+    model = on_device(model, ctx)
+    if cfg.grad_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    return model
+
+
+def as_teacher(model, cfg, ctx):
+    """A frozen teacher on the device: eval mode, no gradients, and bf16 on GPU (it only runs forwards, so
+    it needs no fp32 master copy: half the memory of a third fp32 model)."""
+    model = on_device(model, ctx).eval().requires_grad_(False)
+    return model.to(torch.bfloat16) if ctx["device"].type == "cuda" and cfg.bf16 else model
 
 
 def set_vlm_trainable(model, trainable):
@@ -501,6 +518,21 @@ def save_final(model, stage_dir, cfg, ctx, rebuild):
 
 # ----------------------------------------------------------------------------- the training loop
 
+def make_optimizer(model, cfg):
+    """AdamW, weight decay on matrices only (not on biases and norms)."""
+    decay, other = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def optimizer_step(model, opt, cfg):
+    """After the micro-batches' backward: clip the global gradient norm, step, clear the gradients."""
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def lr_at(step, cfg):
     """Linear warmup, then constant or cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
@@ -620,15 +652,11 @@ def build_models(cfg, ctx, inputs, robot, cameras):
         make = lambda: load_model(cfg.init, cfg) if cfg.init else new_model(cfg, backbone, robot, cameras)
     else:
         make = lambda: load_model(inputs["init"], cfg)
-    model, teachers = on_device(make(), ctx), ()
+    model, teachers = as_student(make(), cfg, ctx), ()
     if cfg.stage == "distill":
-        teachers = tuple(on_device(load_model(inputs[k], cfg), ctx).eval().requires_grad_(False)
+        teachers = tuple(as_teacher(load_model(inputs[k], cfg), cfg, ctx)
                          for k in ("action_teacher", "reasoning_teacher"))
-        if ctx["device"].type == "cuda" and cfg.bf16:
-            teachers = tuple(t.to(torch.bfloat16) for t in teachers)
         check_teachers(model, *teachers)
-    if cfg.grad_checkpointing:
-        model.backbone.gradient_checkpointing_enable()
     return model, teachers, make
 
 
@@ -672,9 +700,7 @@ def train(cfg, ctx, inputs):
     frozen = cfg.freeze_vlm_steps > (progress(latest)["step"] if latest else 0)
     set_vlm_trainable(model, not frozen)
     wrapped = wrap(model, cfg, ctx)  # before the optimizer: fully_shard replaces the parameters
-    decay, other = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, cfg)
     start, rng = restore_checkpoint(latest, wrapped, opt, cfg, ctx) if latest else (0, None)
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
     if rank0:
@@ -715,10 +741,7 @@ def train(cfg, ctx, inputs):
             raise FloatingPointError(
                 f"{cfg.stage}: loss is {log['loss']} at step {step + 1} on a batch of {domains.count('robot')} "
                 f"robot and {domains.count('mm')} multimodal samples; last good checkpoint: {kept[-1] if kept else 'none'}")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, cfg)
         first, done = first or log, step + 1
         if rank0 and (done % cfg.log_every == 0 or done == cfg.steps):
             sps = cfg.batch_size * (done - logged) / (time.time() - t_log)
