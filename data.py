@@ -53,6 +53,28 @@ def reasoning_text(reasoning):
     return " ".join(f"{tag}: {reasoning[tag]}" for tag in REASONING_TAGS if reasoning.get(tag))
 
 
+BOX = re.compile(r"([^,\[\]]+?)\s*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\]")
+
+
+def subtask_target(reasoning, width, height):
+    """ECoT's boxes -> (x, y) in [-1, 1] of the object the current SUBTASK is about, or None.
+
+    The object is the visible one the subtask names last ("carry the can to the plate" -> the plate,
+    where the gripper is heading). Boxes are pixel coordinates in the first camera's image.
+    """
+    if not isinstance(reasoning, dict) or not reasoning.get("SUBTASK") or not reasoning.get("VISIBLE OBJECTS"):
+        return None
+    subtask = reasoning["SUBTASK"].lower()
+    boxes = {m[1].strip().lower(): [int(v) for v in m.groups()[1:]] for m in BOX.finditer(reasoning["VISIBLE OBJECTS"])}
+    # where each name last ends; at the same end the longer name wins ("the red can" names "red can", not "can")
+    named = [(subtask.rfind(name) + len(name), len(name), name) for name in boxes
+             if re.search(rf"\b{re.escape(name)}\b", subtask)]
+    if not named:
+        return None
+    x0, y0, x1, y1 = boxes[max(named)[2]]
+    return np.array([(x0 + x1) / width - 1, (y0 + y1) / height - 1], np.float32)
+
+
 def action_stats(actions, gripper_dims=(-1,)):
     """Per-dimension q01/q99 of (N, A) actions; gripper dims are left unnormalised (q01=-1, q99=1)."""
     actions = np.asarray(actions, dtype=np.float64)

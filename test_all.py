@@ -641,6 +641,19 @@ def test_normalisation_inverse():
     np.testing.assert_allclose(back, inside, atol=1e-6)
 
 
+def test_subtask_target_reads_the_named_box():
+    seen = "plate [16, 12, 32, 28], can [0, 0, 2, 2], red can [34, 36, 42, 44]"
+    at = lambda subtask: data.subtask_target({"SUBTASK": subtask, "VISIBLE OBJECTS": seen}, 64, 64)
+    np.testing.assert_allclose(at("Move to the red can."), [(34 + 42) / 64 - 1, (36 + 44) / 64 - 1])
+    np.testing.assert_allclose(at("Carry the red can to the plate."), [(16 + 32) / 64 - 1, (12 + 28) / 64 - 1])
+    np.testing.assert_allclose(at("Lift the can."), [2 / 64 - 1, 2 / 64 - 1])  # "can" alone, not "red can"
+    assert at("Move to the towel.") is None and data.subtask_target(None, 64, 64) is None
+    assert data.subtask_target({"SUBTASK": "Lift the can."}, 64, 64) is None
+    ep = tabletop.expert_episode("tabletop_place", 1001)  # every demo frame names a visible object
+    targets = [data.subtask_target(s["reasoning"], 64, 64) for s in ep["steps"]]
+    assert all(t is not None and np.all(np.abs(t) <= 1) for t in targets)
+
+
 def mm_records():
     scene = frame(1)
     return [dict(image=scene, instruction="What colour is the can?", state=None, action=None,
