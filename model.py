@@ -150,8 +150,11 @@ class ActionExpert(nn.Module):
 
 # ----------------------------------------------------------------------------- the VLA
 
-def load_backbone(name_or_path, dtype=None):
-    """(model, tokenizer, image_processor) through transformers' Auto classes; one-line errors."""
+def load_backbone(name_or_path, dtype=torch.float32):
+    """(model, tokenizer, image_processor) through transformers' Auto classes; one-line errors.
+
+    fp32 by default: transformers 5 loads a checkpoint in its stored dtype (Qwen2.5-VL's is bf16), and
+    training needs fp32 master weights under bf16 autocast, or small updates round away."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):

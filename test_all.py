@@ -45,7 +45,7 @@ from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPol
                       extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
                       ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
                       select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
-from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny
+from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, load_backbone
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
 
@@ -184,6 +184,15 @@ def test_predict_action_finite(tiny_path, head):
     assert np.abs(out["actions"][:, :6]).max() <= 0.05 + 1e-5   # unnormalised back into robot units
     answers = m.generate_answers([[gray], [gray]], ["What colour is the can?", "How many?"], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
+    bb, tok, ip = load_backbone(tiny_path)
+    bb.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # as Qwen2.5-VL-3B is stored
+    tok.save_pretrained(tmp_path / "bf16"), ip.save_pretrained(tmp_path / "bf16")
+    model = DualVLA(VLAConfig(backbone=str(tmp_path / "bf16"), image_size=56))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert load_backbone(str(tmp_path / "bf16"), dtype=torch.bfloat16)[0].dtype == torch.bfloat16
 
 
 def test_bad_checkpoint_and_backbone_paths(tiny_path, tmp_path):
