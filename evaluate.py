@@ -703,20 +703,103 @@ def main_sim(args):
 
 def add_table_args(p):
     p.add_argument("--sim", nargs="*", default=[], help="sim_results.json files of `evaluate.py sim --env simplerenv`")
+    p.add_argument("--runs", nargs="*", default=[],
+                   help="run folders of `train.py --stage all --ablations` (one per seed): the miniature's tables")
+    p.add_argument("--out", default="", help="also write the tables (Markdown) to this file")
 
 
 def main_table(args):
-    """The paper's SimplerEnv rows (NOTES §5) with one row per results file."""
-    rows = dict(PAPER_SIMPLER)
-    for path in args.sim:
-        if not os.path.isfile(path):
-            raise UserError(f"--sim {path}: no such file (evaluate.py sim writes OUT/sim_results.json)")
-        with open(path) as f:
-            res = json.load(f)
-        if res.get("env") != "simplerenv":
-            raise UserError(f"--sim {path}: a {res.get('env')!r} run has no SimplerEnv columns")
-        rows[os.path.basename(str(res["policy"]).rstrip("/"))] = simpler_table(res["success"])
-    print(markdown_table(rows, dict(SIMPLER_COLUMNS, avg="Avg")))
+    """The paper's SimplerEnv rows (NOTES §5) with one row per results file; or, with --runs, the tabletop
+    miniature's tables over seeds (miniature_tables)."""
+    if args.runs:
+        text = miniature_tables(args.runs)
+    else:
+        rows = dict(PAPER_SIMPLER)
+        for path in args.sim:
+            if not os.path.isfile(path):
+                raise UserError(f"--sim {path}: no such file (evaluate.py sim writes OUT/sim_results.json)")
+            with open(path) as f:
+                res = json.load(f)
+            if res.get("env") != "simplerenv":
+                raise UserError(f"--sim {path}: a {res.get('env')!r} run has no SimplerEnv columns")
+            rows[os.path.basename(str(res["policy"]).rstrip("/"))] = simpler_table(res["success"])
+        text = markdown_table(rows, dict(SIMPLER_COLUMNS, avg="Avg"))
+    print(text)
+    if args.out:
+        atomic_write(args.out, text + "\n")
+
+
+# ----------------------------------------------------------------------------- the miniature (issue 13)
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing ({what})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_metrics(stage_dir):
+    """One model's demo evaluation as train.py --stage all writes it under STAGE/eval/: tabletop success
+    per task and its average, each demo benchmark's score and their average, and the VLA Score row."""
+    sim = read_json(os.path.join(stage_dir, "eval", "sim", "sim_results.json"), "tabletop success")["success"]
+    mm = read_json(os.path.join(stage_dir, "eval", "mm", "summary.json"), "demo benchmarks")["benchmarks"]
+    vla = read_json(os.path.join(stage_dir, "eval", "vla_score", "summary.json"), "VLA Score")["policies"]
+    m = dict(sim, success=float(np.mean(list(sim.values()))))
+    m.update({name: b["score"] for name, b in mm.items()}, mm=float(np.mean([b["score"] for b in mm.values()])))
+    m.update(next(iter(vla.values())))
+    return m
+
+
+def mean_std_table(rows, columns):
+    """rows: name -> list of metric dicts (one per seed) -> Markdown, 'mean ± std' over seeds (std with n-1)."""
+    def cell(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}"
+    lines = ["| | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell([m.get(c) for m in ms]) for c in columns) + " |"
+              for name, ms in rows.items()]
+    return "\n".join(lines)
+
+
+def miniature_tables(runs):
+    """The paper's tables in miniature over seeds (one run folder each): Table 2 (tabletop success), the
+    multimodal average, Table 5 (VLA Score, oracle judge), Tables 7 and 8 (--prune and --kd modes; the
+    main distill run is its own mode's row, the others come from OUT/ablations/<kind>-<mode>/distill)."""
+    for run in runs:
+        if not os.path.isdir(run):
+            raise UserError(f"--runs {run}: no such folder")
+    main = {stage: [stage_metrics(os.path.join(run, stage)) for run in runs]
+            for stage in ("specialist", "generalist", "distill")}
+    rows = dict(zip(("specialist", "generalist (co-trained, unpruned)", "DualVLA (pruned + dual-teacher KD)"),
+                    main.values()))
+    tasks = sorted(k for k in main["specialist"][0] if k.startswith("tabletop_"))
+    benches = sorted(read_json(os.path.join(runs[0], "specialist", "eval", "mm", "summary.json"), "")["benchmarks"])
+    ablation = {}
+    for kind, flag in (("prune", "prune"), ("kd", "kd")):
+        by_mode = {}
+        for run in runs:
+            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[flag]
+            by_mode.setdefault(own, []).append(main["distill"][runs.index(run)])
+            root = os.path.join(run, "ablations")
+            for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+                if name.startswith(kind + "-"):
+                    by_mode.setdefault(name[len(kind) + 1:], []).append(stage_metrics(os.path.join(root, name, "distill")))
+        ablation[kind] = by_mode
+    n = f"{len(runs)} seed{'s' * (len(runs) > 1)}, mean ± std"
+    score_cols = dict(R="R", A="A", I="I", RA="RA", Sim="success", VLA_Score="VLA Score")
+    out = [f"### Table 2 analogue: tabletop success % ({n})", "",
+           mean_std_table(rows, dict({t: t.replace("tabletop_", "") for t in tasks}, success="Avg")), "",
+           f"### Multimodal analogue: demo benchmarks ({n})", "",
+           mean_std_table(rows, dict({b: b for b in benches}, mm="Avg")), "",
+           f"### Table 5 analogue: VLA Score with the oracle judge, % ({n})", "",
+           mean_std_table(rows, score_cols)]
+    for kind, title in (("prune", "Table 7 analogue: pruning modes (--prune)"),
+                        ("kd", "Tables 6/8 analogue: distillation modes (--kd)")):
+        out += ["", f"### {title} ({n} where a mode has all)", "",
+                mean_std_table(ablation[kind], dict(success="tabletop Avg", mm="benchmarks Avg", VLA_Score="VLA Score"))]
+    return "\n".join(out)
 
 
 # ============================================================================= mm: eight benchmarks (NOTES §5)

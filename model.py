@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import normalize_action, reasoning_text, unnormalize_action
+from data import normalize_action, reasoning_text, subtask_target, unnormalize_action
 
 ACT, QUERY = "<|act|>", "<|query|>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -133,6 +133,7 @@ class ActionExpert(nn.Module):
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 4 * w), nn.SiLU(),
                                                   nn.Linear(4 * w, w)) for _ in range(3))
         self.out = nn.Linear(w, n_act)
+        self.locate = nn.Linear(w, 2)  # grounding probe on the first camera's features (ground_loss)
         self.chunk, self.action_dim, self.width = cfg.chunk, cfg.action_dim, w
 
     def context(self, query_states, head_pixels, state):
@@ -140,6 +141,10 @@ class ActionExpert(nn.Module):
         c = self.cond(query_states.flatten(1).float())                              # (B, w)
         feats = [enc(head_pixels[:, k], c) for k, enc in enumerate(self.images)]     # cams × (B, w)
         return torch.cat([c, self.state(state)] + feats, dim=-1)
+
+    def target_xy(self, ctx):
+        """Where the first camera's features put the object of the current subtask: (B, 2) in [-1, 1]."""
+        return self.locate(ctx[:, 2 * self.width:3 * self.width])
 
     def forward(self, x_t, t, ctx):  # (B, chunk, A), (B,), (B, ·) -> (B, chunk, A)
         h = self.inp(torch.cat([x_t.flatten(1), time_embedding(t, self.width), ctx], dim=-1))
@@ -249,7 +254,7 @@ class DualVLA(nn.Module):
     def make_batch(self, records, reasoning=True):
         """Records -> right-padded model inputs. `reasoning=False` drops r (the action teacher's view)."""
         cfg, tok = self.config, self.tokenizer
-        seqs, images, robot_images, states, actions, amasks = [], [], [], [], [], []
+        seqs, images, robot_images, states, actions, amasks, targets = [], [], [], [], [], [], []
         for rec in records:
             imgs = self._images(rec) if rec["domain"] == "robot" else (
                 rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])
@@ -273,6 +278,7 @@ class DualVLA(nn.Module):
                 if self.norm_stats.get("action"):
                     a = normalize_action(a, self.norm_stats["action"])
                 actions.append(a), amasks.append(m), states.append(self._state(rec)), robot_images.append(imgs)
+                targets.append(subtask_target(rec.get("reasoning"), *imgs[0].size))  # None: no ECoT boxes
                 if cfg.action_head == "flow":
                     tail, act_tokens = [self.ids[QUERY]] * cfg.n_queries, []
                 else:
@@ -308,7 +314,9 @@ class DualVLA(nn.Module):
         if robot.any():
             batch.update(states=torch.from_numpy(np.stack(states)), actions=torch.from_numpy(np.stack(actions)),
                          action_mask=torch.from_numpy(np.stack(amasks)),
-                         head_pixels=torch.stack([self._head_pixels(ims) for ims in robot_images]))
+                         head_pixels=torch.stack([self._head_pixels(ims) for ims in robot_images]),
+                         ground=torch.tensor(np.stack([np.zeros(2, np.float32) if t is None else t for t in targets])),
+                         ground_mask=torch.tensor([t is not None for t in targets]))
         return batch
 
     # ---- training forward
@@ -366,8 +374,10 @@ class DualVLA(nn.Module):
             v = self.head(x_t, t, ctx)
             mask = batch["action_mask"][..., None].float()
             se = ((v - (x1 - noise)) ** 2 * mask).sum()                        # target velocity x1 - x0
+            gm = batch["ground_mask"][:, None].float()
+            ground = ((self.head.target_xy(ctx) - batch["ground"]) ** 2 * gm).sum()
             out.update(velocity=v, noise=noise, t=t, x_t=x_t, action_sum=se,
-                       action_count=mask.sum() * self.config.action_dim)
+                       action_count=mask.sum() * self.config.action_dim, ground_sum=ground, ground_count=gm.sum() * 2)
         out["lm_loss"] = out["lm_sum"] / out["lm_count"].clamp(min=1)
         out["action_loss"] = out["action_sum"] / out["action_count"].clamp(min=1)
         out["loss"] = out["lm_loss"] + out["action_loss"]

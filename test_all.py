@@ -38,7 +38,7 @@ import prune
 import tabletop
 import train
 from data import DataError, reasoning_text
-from distill import action_kd, check_teachers, dual_teacher_loss, kd_kl
+from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
                       SimConfig, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
                       ensemble_action, episode_specs, euler_to_axangle, euler_to_quat, evaluate_mm, extract_choice,
@@ -95,6 +95,20 @@ def test_forward_shapes(tiny_path, head):
     else:
         assert m.config.chunk == 1 and out["action_logits"].shape == (3, 7, 256)
         assert batch["action_positions"].sum() == 3 * 7
+
+
+def test_grounding_term_reads_ecot_boxes_and_trains_the_image_path(tiny_path):
+    m = tiny_model(tiny_path)
+    recs = robot_records(3)
+    recs[0]["reasoning"] = {"SUBTASK": "Move to the red can.", "VISIBLE OBJECTS": "red can [8, 16, 24, 32]"}
+    batch = m.make_batch(recs + [mm_record()])
+    assert batch["ground_mask"].tolist() == [True, False, False]   # the others name no box
+    np.testing.assert_allclose(batch["ground"][0], [(8 + 24) / 64 - 1, (16 + 32) / 64 - 1])
+    out = m(batch)
+    assert out["ground_count"] == 2 and out["ground_sum"] > 0
+    assert torch.equal(out["loss"], out["lm_loss"] + out["action_loss"])   # Eq. 2/3 alone; train.py adds it
+    out["ground_sum"].backward()
+    assert m.head.images[0].convs[0].weight.grad.abs().sum() > 0 and m.queries.grad.abs().sum() > 0
 
 
 def test_label_mask_covers_exactly_the_targets(tiny_path):
@@ -2654,7 +2668,8 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     # short rollouts and answers: the untrained models would otherwise babble to the token limits
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
     monkeypatch.setattr(evaluate, "MMConfig", functools.partial(evaluate.MMConfig, max_new_tokens=4))
-    train.main(["--stage", "all", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"] + flags(steps=2))
+    train.main(["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"]
+               + flags(steps=2))
     printed = capsys.readouterr().out
     for stage in ("specialist", "generalist", "distill"):
         assert summary(out, stage)["steps"] == 2
@@ -2666,6 +2681,26 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
         assert f"{stage}: tabletop success" in printed
     assert len(open(os.path.join(out, "data", "kb.jsonl")).readlines()) == 4 * len(tabletop.TASKS)
     assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
+    # --ablations: every other --prune and --kd mode distilled from the same specialist and generalist
+    modes = [("prune", m) for m in prune.MODES if m != "both"] + [("kd", m) for m in KD_MODES if m != "dual"]
+    for kind, mode in modes:
+        run = os.path.join(out, "ablations", f"{kind}-{mode}")
+        assert summary(run, "distill")["steps"] == 2 and saved_config(os.path.join(run, "distill"))[kind] == mode
+        assert os.path.isfile(os.path.join(run, "distill", "eval", "vla_score", "summary.json"))
+        assert os.path.isdir(os.path.join(run, "pruned")) == (kind == "prune")  # --kd rows share OUT/pruned
+        assert not os.path.exists(os.path.join(run, "data"))                     # the demo data is not rewritten
+    # the miniature's tables: the same run twice gives std 0 and the stage's own means
+    report = os.path.join(out, "report.md")
+    evaluate.main(["table", "--runs", out, out, "--out", report])
+    text = open(report).read()
+    sim = json.load(open(os.path.join(out, "specialist", "eval", "sim", "sim_results.json")))["success"]
+    row = next(line for line in text.splitlines() if line.startswith("| specialist |"))
+    assert f"| {np.mean(list(sim.values())):.1f} ± 0.0 |" in row
+    for title in ("Table 2", "Multimodal", "Table 5", "Table 7", "Tables 6/8"):
+        assert title in text
+    for kind, mode in modes + [("prune", "both"), ("kd", "dual")]:
+        assert f"| {mode} |" in text
+    assert error_line(capsys, evaluate.main, ["table", "--runs", os.path.join(out, "nope")]).startswith("error: --runs")
 
 
 def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):

@@ -95,6 +95,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # max global gradient norm; 0 = no clipping
     mm_ratio: float = 0.25          # multimodal share of each batch (generalist, distill; Eq. 3's mixture)
     freeze_vlm_steps: int = 0       # keep the VLM (backbone + queries) frozen for the first N steps (flow head)
+    ground_weight: float = 0.0      # weight of the action expert's grounding term (ECoT boxes; not in the paper)
     grad_checkpointing: bool = False  # recompute the backbone's activations in backward (big models)
     # distillation (Sec. 3.2.2)
     lambda_kd: float = 0.15         # λ of Eq. 7 (paper)
@@ -111,6 +112,7 @@ class TrainConfig:
     resume: bool = False            # continue from the newest checkpoint of each stage run
     eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
     eval_questions: int = 50        # --stage all: questions per demo benchmark
+    ablations: bool = False         # --stage all: also distill with every other --prune and --kd mode (Tables 7, 8)
 
 
 # Stage presets, applied over the defaults above and under the command line. The paper gives λ = 0.15
@@ -553,20 +555,29 @@ def vla_losses(model, micro, step, cfg, ctx, reasoning):
     inner = unwrap(model)
     batches = [inner.make_batch(open_images(recs), reasoning=reasoning) for recs in micro]
     counts = torch.tensor([[int(text_target_mask(b).sum()), int(b["action_mask"].sum()) * inner.config.action_dim
-                            if "action_mask" in b else 0] for b in batches], dtype=torch.float64).sum(0)
-    n_lm, n_act = all_sum(counts, ctx).clamp(min=1).tolist()
+                            if "action_mask" in b else 0, 2 * int(b["ground_mask"].sum()) if "ground_mask" in b else 0]
+                           for b in batches], dtype=torch.float64).sum(0)
+    n_lm, n_act, n_ground = all_sum(counts, ctx).clamp(min=1).tolist()
+    ground = torch.zeros(1, dtype=torch.float64)
     sums = torch.zeros(6, dtype=torch.float64)  # lm robot, lm mm, action; their token counts
     for k, (recs, batch) in enumerate(zip(micro, batches)):
         noise = flow_noise(recs, inner.config, cfg.seed, step) if inner.config.action_head == "flow" else {}
         with sync_context(model, cfg, ctx, last=k == len(batches) - 1), autocast(cfg, ctx):
             out = model(batch, **{name: x.to(ctx["device"]) for name, x in noise.items()})
-            loss = (out["lm_sum"] / n_lm + out["action_sum"] / n_act) * ctx["world"]
+            loss = out["lm_sum"] / n_lm + out["action_sum"] / n_act
+            if cfg.ground_weight and "ground_sum" in out:
+                loss = loss + cfg.ground_weight * out["ground_sum"] / n_ground
+                ground += float(out["ground_sum"].detach())
+            loss = loss * ctx["world"]
         loss.backward()
         sums += domain_sums(out, batch)
     sums = all_sum(sums, ctx)
     lm_robot, lm_mm, action = (sums[:3] / sums[3:].clamp(min=1)).tolist()
     total = (sums[0] + sums[1]) / n_lm + sums[2] / n_act
-    return dict(loss=float(total), lm_robot=lm_robot, lm_mm=lm_mm, action=action)
+    terms = dict(loss=float(total), lm_robot=lm_robot, lm_mm=lm_mm, action=action)
+    if cfg.ground_weight:  # logged apart: `loss` stays Eq. 2/3, comparable across runs
+        terms["ground"] = float(all_sum(ground, ctx)) / n_ground
+    return terms
 
 
 def domain_sums(out, batch):
@@ -795,6 +806,22 @@ def run_stage(stage, explicit, ctx):
     return done + [run_prune(cfg, ctx) if stage == "prune" else train(cfg, ctx, paths)]
 
 
+def ablation_runs(cfg, explicit, ctx):
+    """Tables 7 and 8 beside the main run: distill again from the same specialist and generalist with every
+    other --prune mode (each on its own pruned data) and every other --kd mode (on the main pruned data).
+    -> [(stage folder relative to OUT, the flags of its distill run)], each in OUT/ablations/<kind>-<mode>/."""
+    keep = {k: v for k, v in explicit.items() if k not in STAGE_INPUTS + ("out", "demo_task", "ablations")}
+    model = lambda stage: os.path.join(cfg.out, stage, "model")
+    mm = os.path.join(demo_data(cfg, ctx), "mm.json") if not cfg.mm_data else cfg.mm_data
+    shared = dict(keep, data=robot_source(cfg, ctx), mm_data=mm, mm_images=cfg.mm_images or os.path.join(
+        os.path.dirname(mm), "" if cfg.mm_data else "mm_images"), init=model("generalist"),
+        action_teacher=model("specialist"), reasoning_teacher=model("generalist"))
+    runs = [(f"prune-{m}", dict(shared, prune=m)) for m in prune.MODES if m != cfg.prune]
+    runs += [(f"kd-{m}", dict(shared, kd=m, pruned_data=os.path.join(cfg.out, "pruned"))) for m in KD_MODES if m != cfg.kd]
+    return [(os.path.join("ablations", name, "distill"), dict(flags, out=os.path.join(cfg.out, "ablations", name)))
+            for name, flags in runs]
+
+
 def eval_commands(cfg, stage):
     """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
     ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
@@ -873,8 +900,12 @@ def main(argv=None):
             summaries = []
             for stage in STAGES[:-1]:
                 summaries += run_stage(stage, dict(explicit, stage=stage), ctx)[-1:]
+            evaluated = [s["stage"] for s in summaries if s["stage"] != "prune"]
+            for folder, flags in ablation_runs(cfg, explicit, ctx) if cfg.ablations else []:
+                summaries += run_stage("distill", flags, ctx)
+                evaluated.append(folder)
             if ctx["rank"] == 0:
-                evaluate_demo(cfg, [s["stage"] for s in summaries if s["stage"] != "prune"])
+                evaluate_demo(cfg, evaluated)
         else:
             summaries = run_stage(cfg.stage, explicit, ctx)
         if ctx["rank"] == 0:
