@@ -42,14 +42,16 @@ def action_kd(student_out, teacher_out, batch, T):
     x_{t+dt} ~ N(x_t + dt·v(x_t, t), σ²I); for two such steps from the same x_t,
     KL(N(μ_a, σ²I) ‖ N(μ_θ, σ²I)) = dt²/(2σ²) · ‖v_a − v_θ‖², so with the same noise and time given
     to both models the KL is a scaled squared distance of the predicted velocities. We use the mean
-    squared distance (the constant folds into λ); T plays no role here.
+    squared distance (the constant folds into λ) of what the heads predict: velocities, or for
+    flow_target="action" clean chunks, i.e. velocities weighed by (1 - t)² as in that head's own loss.
+    T plays no role here.
     """
     mask = batch["action_mask"].to(student_out["action_sum"].device)
     if "action_logits" in student_out:
         per_dim = mask.repeat_interleave(student_out["action_logits"].shape[1] // mask.shape[1], 1)
         return kd_kl(student_out["action_logits"], teacher_out["action_logits"], per_dim, T)
     m = mask[..., None].float()
-    sq = (student_out["velocity"] - teacher_out["velocity"]) ** 2 * m
+    sq = (student_out["flow_pred"] - teacher_out["flow_pred"]) ** 2 * m
     return sq.sum() / (m.sum() * sq.shape[-1]).clamp(min=1)
 
 
@@ -86,7 +88,7 @@ def dual_teacher_loss(student, action_teacher, reasoning_teacher, batch, lam=0.1
     records = batch["records"]
     robot = [i for i, r in enumerate(records) if r["domain"] == "robot"]
     mm = [i for i, r in enumerate(records) if r["domain"] == "mm"]
-    flow = {"noise": out["noise"], "t": out["t"]} if "velocity" in out else {}
+    flow = {"noise": out["noise"], "t": out["t"]} if "flow_pred" in out else {}
     if kd == "single":  # π^r sees exactly what the student sees and supervises every target
         t_out = teacher_forward(reasoning_teacher, batch, **flow)
         if robot:

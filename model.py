@@ -13,7 +13,7 @@ conditioned on the reasoning, π_θ(a | o, i, r).
 
     query states (B,Q,H) ──► cond ──FiLM──┐
     camera images ──► conv ×4 ────────────┴──► spatial-softmax keypoints
-    robot state, noisy chunk x_t, time t ─────► MLP ──► velocity (B, chunk, A)   (flow head)
+    robot state, noisy chunk x_t, time t ─────► MLP ──► velocity or clean chunk (B, chunk, A)   (flow head)
 
 The flow head is InstructVLA's action expert in miniature: it has its own image path (FACTS.md,
 "Learning on CPU": without it a small VLM barely learns to act).
@@ -52,6 +52,7 @@ class VLAConfig:
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64)
     n_bins: int = 256               # OpenVLA's uniform bins over [-1, 1]
     flow_steps: int = 10            # Euler steps at inference
+    flow_target: str = "velocity"   # the flow head predicts the velocity (π0) | the clean chunk ("action", x1-prediction)
     image_size: int = 224           # VLM input side, a multiple of 28 (patch 14 × merge 2)
     head_image_size: int = 64       # the action expert's own image path
     head_width: int = 256           # hidden width of the action expert
@@ -62,6 +63,8 @@ class VLAConfig:
     def __post_init__(self):
         if self.action_head not in ("flow", "tokens"):
             raise UserError(f"action_head must be 'flow' or 'tokens', got {self.action_head!r}")
+        if self.flow_target not in ("velocity", "action"):
+            raise UserError(f"flow_target must be 'velocity' or 'action', got {self.flow_target!r}")
         if self.chunk == 0:
             self.chunk = 16 if self.action_head == "flow" else 1
         if self.image_size % 28:
@@ -121,7 +124,10 @@ def time_embedding(t, dim):
 
 
 class ActionExpert(nn.Module):
-    """Flow-matching action head: velocity v(x_t, t | query states, images, state)."""
+    """Flow-matching action head: velocity v(x_t, t | query states, images, state), or with
+    flow_target="action" the clean chunk x̂1, from which v = (x̂1 - x_t) / (1 - t) (the same flow,
+    parameterised like DDPM's x0-prediction: its loss weighs each time by (1 - t)², and at small scale it
+    learns as fast as plain regression, where velocity prediction lags far behind: README, "The miniature")."""
 
     def __init__(self, cfg: VLAConfig, hidden_size: int):
         super().__init__()
@@ -134,7 +140,7 @@ class ActionExpert(nn.Module):
                                                   nn.Linear(4 * w, w)) for _ in range(3))
         self.out = nn.Linear(w, n_act)
         self.locate = nn.Linear(w, 2)  # grounding probe on the first camera's features (ground_loss)
-        self.chunk, self.action_dim, self.width = cfg.chunk, cfg.action_dim, w
+        self.chunk, self.action_dim, self.width, self.target = cfg.chunk, cfg.action_dim, w, cfg.flow_target
 
     def context(self, query_states, head_pixels, state):
         """Everything the velocity depends on except (x_t, t): computed once per prediction."""
@@ -146,11 +152,16 @@ class ActionExpert(nn.Module):
         """Where the first camera's features put the object of the current subtask: (B, 2) in [-1, 1]."""
         return self.locate(ctx[:, 2 * self.width:3 * self.width])
 
-    def forward(self, x_t, t, ctx):  # (B, chunk, A), (B,), (B, ·) -> (B, chunk, A)
+    def forward(self, x_t, t, ctx):  # (B, chunk, A), (B,), (B, ·) -> (B, chunk, A): velocity or x̂1
         h = self.inp(torch.cat([x_t.flatten(1), time_embedding(t, self.width), ctx], dim=-1))
         for block in self.blocks:
             h = h + block(h)
         return self.out(h).view(-1, self.chunk, self.action_dim)
+
+    def velocity(self, x_t, t, ctx):
+        """The flow's velocity at (x_t, t), whichever target the head predicts (t < 1)."""
+        pred = self(x_t, t, ctx)
+        return pred if self.target == "velocity" else (pred - x_t) / (1 - t)[:, None, None]
 
 
 # ----------------------------------------------------------------------------- the VLA
@@ -371,12 +382,13 @@ class DualVLA(nn.Module):
             noise = torch.randn_like(x1) if noise is None else noise
             t = torch.rand(x1.shape[0], device=h.device) if t is None else t
             x_t = t[:, None, None] * x1 + (1 - t[:, None, None]) * noise      # rectified-flow path
-            v = self.head(x_t, t, ctx)
+            pred = self.head(x_t, t, ctx)
             mask = batch["action_mask"][..., None].float()
-            se = ((v - (x1 - noise)) ** 2 * mask).sum()                        # target velocity x1 - x0
+            target = x1 - noise if self.config.flow_target == "velocity" else x1  # velocity x1 - x0, or x1
+            se = ((pred - target) ** 2 * mask).sum()
             gm = batch["ground_mask"][:, None].float()
             ground = ((self.head.target_xy(ctx) - batch["ground"]) ** 2 * gm).sum()
-            out.update(velocity=v, noise=noise, t=t, x_t=x_t, action_sum=se,
+            out.update(flow_pred=pred, noise=noise, t=t, x_t=x_t, action_sum=se,
                        action_count=mask.sum() * self.config.action_dim, ground_sum=ground, ground_count=gm.sum() * 2)
         out["lm_loss"] = out["lm_sum"] / out["lm_count"].clamp(min=1)
         out["action_loss"] = out["action_sum"] / out["action_count"].clamp(min=1)
@@ -456,7 +468,7 @@ class DualVLA(nn.Module):
         dt = 1.0 / self.config.flow_steps
         for k in range(self.config.flow_steps):
             t = torch.full((ctx.shape[0],), k * dt, device=ctx.device)
-            x = x + dt * self.head(x, t, ctx)
+            x = x + dt * self.head.velocity(x, t, ctx)
         return x
 
     # ---- checkpoints

@@ -90,7 +90,7 @@ def test_forward_shapes(tiny_path, head):
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     assert batch["actions"].shape == (3, m.config.chunk, 7)
     if head == "flow":
-        assert m.config.chunk == 16 and out["velocity"].shape == (3, 16, 7) and out["t"].shape == (3,)
+        assert m.config.chunk == 16 and out["flow_pred"].shape == (3, 16, 7) and out["t"].shape == (3,)
         assert batch["query_mask"].sum() == 3 * m.config.n_queries
     else:
         assert m.config.chunk == 1 and out["action_logits"].shape == (3, 7, 256)
@@ -162,6 +162,20 @@ def test_overfits_one_batch(tiny_path, head):
     out = m(batch, **fixed)
     assert out["lm_loss"].item() < 0.1 * first[0]
     assert out["action_loss"].item() < 0.1 * first[1]
+
+
+def test_flow_target_action_predicts_the_clean_chunk(tiny_path):
+    m = tiny_model(tiny_path, flow_target="action")
+    batch = m.make_batch(robot_records(2))
+    out = m(batch)
+    x1, m_ = batch["actions"], batch["action_mask"][..., None].float()
+    assert torch.allclose(out["action_sum"], ((out["flow_pred"] - x1) ** 2 * m_).sum())   # x1-prediction's loss
+    # its velocity is (x̂1 - x_t) / (1 - t): one Euler step of length 1 - t lands on x̂1 (ctx: cond, state, 1 camera)
+    ctx, x_t, t = torch.randn(2, 3 * m.head.width), torch.randn(2, m.config.chunk, 7), torch.tensor([0.0, 0.6])
+    step = x_t + (1 - t)[:, None, None] * m.head.velocity(x_t, t, ctx)
+    assert torch.allclose(step, m.head(x_t, t, ctx), atol=1e-5)
+    with pytest.raises(UserError, match="flow_target"):
+        VLAConfig(backbone=tiny_path, flow_target="x0")
 
 
 @pytest.mark.parametrize("head", ["flow", "tokens"])

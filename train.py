@@ -83,6 +83,7 @@ class TrainConfig:
     head_image_size: int = 64       # the action expert's own image side; new models only
     chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
+    flow_target: str = "velocity"   # flow head predicts: velocity (π0) | action (the clean chunk); new models only
     # optimisation (paper: lr 2e-5 for distillation; the rest is ours)
     steps: int = 500                # optimizer steps
     batch_size: int = 32            # global batch: samples per optimizer step over all ranks and accumulation
@@ -170,6 +171,7 @@ def parse_args(argv):
         else:
             choices = {"stage": STAGES, "preset": tuple(PRESETS), "schedule": ("constant", "cosine"),
                        "action_head": ("flow", "tokens"), "prune": prune.MODES, "kd": KD_MODES,
+                       "flow_target": ("velocity", "action"),
                        "demo_task": ("single", "bimanual")}.get(f.name)
             p.add_argument(flag, type=f.type, choices=choices, help=h, metavar=None if choices else f.type.__name__.upper())
     return vars(p.parse_args(argv))
@@ -349,7 +351,7 @@ def new_model(cfg, backbone, robot, cameras, parts=()):
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
     actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
     model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
-                              n_queries=cfg.n_queries, image_size=cfg.image_size,
+                              n_queries=cfg.n_queries, flow_target=cfg.flow_target, image_size=cfg.image_size,
                               head_image_size=cfg.head_image_size, cameras=cameras,
                               action_dim=actions.shape[1], state_dim=states.shape[1]), *parts)
     model.set_action_stats(data.action_stats(actions, gripper_dims(actions.shape[1])),
