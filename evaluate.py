@@ -662,6 +662,31 @@ def tabletop_setup(cfg, policy):
     return replace(cfg, tasks=tasks, cameras=cameras)
 
 
+def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, max_frames=0):
+    """How closely the model's next action follows the scripted expert's on held-out expert episodes
+    (tabletop seeds below TRAIN_SEED_OFFSET), frame by frame, the expert driving: a finer measure of
+    action quality than closed-loop success, which stays 0 until a policy is nearly right.
+    Per task and on average: `direction`, the mean cosine between predicted and expert xyz motion on
+    frames where the expert moves; `gripper`, the share of frames with the same open/closed command.
+    max_frames: the first frames of each episode only (0: all)."""
+    import tabletop
+    result = {}
+    for task in tasks or tabletop.TASKS:
+        cos, grip = [], []
+        for k in range(episodes):
+            ep = tabletop.expert_episode(task, seed + k, model.config.head_image_size)
+            for step in ep["steps"][:max_frames or None]:
+                a = model.predict_action(step["image"], ep["instruction"], state=step["state"], reason=reason)["actions"][0]
+                e = np.asarray(step["action"], np.float32)
+                if np.linalg.norm(e[:3]) > 1e-3:
+                    cos.append(float(a[:3] @ e[:3] / (np.linalg.norm(a[:3]) * np.linalg.norm(e[:3]) + 1e-9)))
+                grip.append(float((a[6] > 0.5) == (e[6] > 0.5)))
+        result[task] = dict(direction=float(np.mean(cos)) if cos else None, gripper=float(np.mean(grip)), frames=len(grip))
+    result["direction"] = float(np.mean([r["direction"] for r in result.values() if r["direction"] is not None]))
+    result["gripper"] = float(np.mean([r["gripper"] for r in result.values() if isinstance(r, dict)]))
+    return result
+
+
 def run_sim(cfg):
     """Sweep, aggregate, write OUT/sim_results.json; returns that dict."""
     specs = episode_specs(cfg)
@@ -708,11 +733,28 @@ def add_table_args(p):
     p.add_argument("--out", default="", help="also write the tables (Markdown) to this file")
 
 
+def policy_label(policy, taken):
+    """A table row's name for a checkpoint path: its folder, or the stage folder above train.py's
+    OUT/<stage>/model, made unique against the rows `taken` so far."""
+    parts = os.path.normpath(str(policy)).split(os.sep)
+    name = parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
+    label, k = name, 2
+    while label in taken:
+        label, k = f"{name} ({k})", k + 1
+    return label
+
+
 def main_table(args):
     """The paper's SimplerEnv rows (NOTES §5) with one row per results file; or, with --runs, the tabletop
     miniature's tables over seeds (miniature_tables)."""
     if args.runs:
         text = miniature_tables(args.runs)
+        if args.out:  # the report: the tables, the loss curves and the first run's pruning filmstrip
+            folder = os.path.dirname(os.path.abspath(args.out))
+            loss_curves_png(args.runs, os.path.join(folder, "loss_curves.png"))
+            strip = os.path.relpath(os.path.join(args.runs[0], "pruned", "filmstrip.png"), folder)
+            text += ("\n\n### Training loss\n\n![loss curves](loss_curves.png)\n\n"
+                     f"### Pruning (first run; reasoning kept on the marked frames)\n\n![filmstrip]({strip})")
     else:
         rows = dict(PAPER_SIMPLER)
         for path in args.sim:
@@ -722,7 +764,7 @@ def main_table(args):
                 res = json.load(f)
             if res.get("env") != "simplerenv":
                 raise UserError(f"--sim {path}: a {res.get('env')!r} run has no SimplerEnv columns")
-            rows[os.path.basename(str(res["policy"]).rstrip("/"))] = simpler_table(res["success"])
+            rows[policy_label(res["policy"], rows)] = simpler_table(res["success"])
         text = markdown_table(rows, dict(SIMPLER_COLUMNS, avg="Avg"))
     print(text)
     if args.out:
@@ -747,6 +789,9 @@ def stage_metrics(stage_dir):
     m = dict(sim, success=float(np.mean(list(sim.values()))))
     m.update({name: b["score"] for name, b in mm.items()}, mm=float(np.mean([b["score"] for b in mm.values()])))
     m.update(next(iter(vla.values())))
+    loop = os.path.join(stage_dir, "eval", "open_loop.json")
+    if os.path.isfile(loop):  # x100: percent-like, as the other columns
+        m.update({f"{k}_agreement": 100 * v for k, v in read_json(loop, "open-loop agreement").items() if k in ("direction", "gripper")})
     return m
 
 
@@ -761,6 +806,36 @@ def mean_std_table(rows, columns):
     lines += [f"| {name} | " + " | ".join(cell([m.get(c) for m in ms]) for c in columns) + " |"
               for name, ms in rows.items()]
     return "\n".join(lines)
+
+
+def loss_curves_png(runs, path, size=(960, 300)):
+    """Each stage's training loss (metrics.jsonl) against its steps, one line per seed, drawn with PIL:
+    three panels (specialist, generalist, distill), each on its own linear scale."""
+    from PIL import ImageDraw
+    stages, (W, H) = ("specialist", "generalist", "distill"), size
+    img = Image.new("RGB", size, "white")
+    draw, pw = ImageDraw.Draw(img), W // len(stages)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for k, stage in enumerate(stages):
+        curves = []
+        for run in runs:
+            with open(os.path.join(run, stage, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            curves.append([(r["step"], r["loss"]) for r in rows if math.isfinite(r["loss"])])
+        pts = [p for c in curves for p in c]
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        left, top, right, bottom = k * pw + 45, 25, (k + 1) * pw - 10, H - 30
+        draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
+        draw.text((left, 6), f"{stage} loss (steps {x0}-{x1})", fill="black")
+        draw.text((k * pw + 2, top), f"{y1:.2f}", fill="black")
+        draw.text((k * pw + 2, bottom - 10), f"{y0:.2f}", fill="black")
+        for n, c in enumerate(curves):
+            xy = [(left + (right - left) * (x - x0) / max(x1 - x0, 1), bottom - (bottom - top) * (y - y0) / max(y1 - y0, 1e-9))
+                  for x, y in c]
+            draw.line(xy, fill=colours[n % len(colours)], width=2)
+    draw.text((10, H - 18), "one line per run: " + ", ".join(os.path.basename(os.path.normpath(r)) for r in runs), fill="black")
+    atomic_write(path, lambda f: img.save(f, format="PNG"), binary=True)
 
 
 def miniature_tables(runs):
@@ -790,7 +865,8 @@ def miniature_tables(runs):
     n = f"{len(runs)} seed{'s' * (len(runs) > 1)}, mean ± std"
     score_cols = dict(R="R", A="A", I="I", RA="RA", Sim="success", VLA_Score="VLA Score")
     out = [f"### Table 2 analogue: tabletop success % ({n})", "",
-           mean_std_table(rows, dict({t: t.replace("tabletop_", "") for t in tasks}, success="Avg")), "",
+           mean_std_table(rows, dict({t: t.replace("tabletop_", "") for t in tasks}, success="Avg",
+                                     direction_agreement="open-loop direction ×100", gripper_agreement="open-loop gripper %")), "",
            f"### Multimodal analogue: demo benchmarks ({n})", "",
            mean_std_table(rows, dict({b: b for b in benches}, mm="Avg")), "",
            f"### Table 5 analogue: VLA Score with the oracle judge, % ({n})", "",
@@ -798,7 +874,8 @@ def miniature_tables(runs):
     for kind, title in (("prune", "Table 7 analogue: pruning modes (--prune)"),
                         ("kd", "Tables 6/8 analogue: distillation modes (--kd)")):
         out += ["", f"### {title} ({n} where a mode has all)", "",
-                mean_std_table(ablation[kind], dict(success="tabletop Avg", mm="benchmarks Avg", VLA_Score="VLA Score"))]
+                mean_std_table(ablation[kind], dict(success="tabletop Avg", direction_agreement="open-loop direction ×100",
+                                                    mm="benchmarks Avg", VLA_Score="VLA Score"))]
     return "\n".join(out)
 
 

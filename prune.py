@@ -324,7 +324,8 @@ def train_detector(episodes, boundaries, cfg=None):
 
 
 def save_detector(net, path):
-    """BoundaryNet -> one .pt file (spec + weights), written atomically."""
+    """BoundaryNet -> one .pt file (spec + weights), written atomically (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data.atomic_write(path, lambda f: torch.save({"spec": net.spec, "state_dict": net.state_dict()}, f), binary=True)
 
 

@@ -1308,7 +1308,7 @@ def test_detector_train_save_load_round_trip(tmp_path):
     test = [distractor_episode(f"v{i}", seed=10 + i) for i in range(4)]
     labels = {ep["id"]: np.flatnonzero(prune.phase_boundaries(ep)).tolist() for ep in train}
     net = prune.train_detector(train, labels, cfg)
-    path = str(tmp_path / "detector.pt")
+    path = str(tmp_path / "not_yet" / "detector.pt")   # save_detector makes the folder
     prune.save_detector(net, path)
     loaded = prune.load_detector(path)
     frames = [[s["image"] for s in ep["steps"]] for ep in test]
@@ -1811,6 +1811,27 @@ def test_run_episode_accepts_any_policy_and_video(tmp_path, capsys):
     assert run_sim(cfg)["success"][tabletop.TASKS[0]] == 100.0
 
 
+def test_open_loop_agreement_hand_computed():
+    class Replay:  # predict_action's interface: the expert's own action, or its xyz reversed
+        config = SimpleNamespace(head_image_size=32)
+
+        def __init__(self, sign):
+            self.sign, self.env = sign, None
+
+        def predict_action(self, image, instruction, state=None, reason=True):
+            a = np.array(self.expert[self.k], np.float32)
+            self.k += 1
+            return dict(actions=np.r_[self.sign * a[:3], a[3:]][None])
+    for sign, direction in ((1, 1.0), (-1, -1.0)):
+        model = Replay(sign)
+        eps = {t: tabletop.expert_episode(t, 500, 32) for t in tabletop.TASKS}
+        model.expert = [s["action"] for t in tabletop.TASKS for s in eps[t]["steps"]]
+        model.k = 0
+        res = evaluate.open_loop_agreement(model, episodes=1)
+        assert res["direction"] == pytest.approx(direction, abs=1e-5) and res["gripper"] == 1.0
+        assert res["tabletop_pick"]["frames"] == len(eps["tabletop_pick"]["steps"])
+
+
 def test_table_prints_paper_rows_next_to_a_run(tmp_path, capsys):
     res = dict(env="simplerenv", policy="/x/my_ckpt/", success={"widowx_stack_blocks": 12.5})
     (tmp_path / "r.json").write_text(json.dumps(res))
@@ -1821,6 +1842,12 @@ def test_table_prints_paper_rows_next_to_a_run(tmp_path, capsys):
     assert "| DualVLA (paper) | 63.9 | 64.0 | 93.3 | 82.7 | 60.9 | 75.3 | 50.0 | 50.0 | 8.3 | 61.0 |" in out
     assert "| OpenVLA (paper) | – |" in out and "27.2 |" in out
     assert "| my_ckpt | – | – | – | – | – | – | – | – | 12.5 | – |" in out
+    # train.py's OUT/<stage>/model folders are named by their stage, and rows never merge
+    for k, policy in enumerate(("/r/specialist/model", "/r/distill/model", "/s/distill/model")):
+        (tmp_path / f"{k}.json").write_text(json.dumps(dict(res, policy=policy)))
+    main_table(p.parse_args(["--sim"] + [str(tmp_path / f"{k}.json") for k in range(3)]))
+    out = capsys.readouterr().out
+    assert "| specialist |" in out and "| distill |" in out and "| distill (2) |" in out
     with pytest.raises(UserError, match="no such file"):
         main_table(p.parse_args(["--sim", str(tmp_path / "missing.json")]))
 
@@ -2682,6 +2709,7 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     # short rollouts and answers: the untrained models would otherwise babble to the token limits
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
     monkeypatch.setattr(evaluate, "MMConfig", functools.partial(evaluate.MMConfig, max_new_tokens=4))
+    monkeypatch.setattr(evaluate, "open_loop_agreement", functools.partial(evaluate.open_loop_agreement, max_frames=2))
     train.main(["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"]
                + flags(steps=2))
     printed = capsys.readouterr().out
@@ -2693,6 +2721,8 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
         score = json.load(open(os.path.join(out, stage, "eval", "vla_score", "summary.json")))
         assert score["judge"] == "oracle" and sum(p["episodes"] for p in score["policies"].values()) == 3
         assert f"{stage}: tabletop success" in printed
+        loop = json.load(open(os.path.join(out, stage, "eval", "open_loop.json")))
+        assert -1 <= loop["direction"] <= 1 and 0 <= loop["gripper"] <= 1 and loop["tabletop_pick"]["frames"] == 2
     assert len(open(os.path.join(out, "data", "kb.jsonl")).readlines()) == 4 * len(tabletop.TASKS)
     assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
     # --ablations: every other --prune and --kd mode distilled from the same specialist and generalist
@@ -2712,6 +2742,8 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     assert f"| {np.mean(list(sim.values())):.1f} ± 0.0 |" in row
     for title in ("Table 2", "Multimodal", "Table 5", "Table 7", "Tables 6/8"):
         assert title in text
+    assert Image.open(os.path.join(out, "loss_curves.png")).size == (960, 300) and "](loss_curves.png)" in text
+    assert "](pruned/filmstrip.png)" in text and os.path.isfile(os.path.join(out, "pruned", "filmstrip.png"))
     for kind, mode in modes + [("prune", "both"), ("kd", "dual")]:
         assert f"| {mode} |" in text
     assert error_line(capsys, evaluate.main, ["table", "--runs", os.path.join(out, "nope")]).startswith("error: --runs")
