@@ -753,7 +753,7 @@ def main_table(args):
             folder = os.path.dirname(os.path.abspath(args.out))
             loss_curves_png(args.runs, os.path.join(folder, "loss_curves.png"))
             strip = os.path.relpath(os.path.join(args.runs[0], "pruned", "filmstrip.png"), folder)
-            text += ("\n\n### Training loss\n\n![loss curves](loss_curves.png)\n\n"
+            text += ("\n\n### Training action loss\n\n![loss curves](loss_curves.png)\n\n"
                      f"### Pruning (first run; reasoning kept on the marked frames)\n\n![filmstrip]({strip})")
     else:
         rows = dict(PAPER_SIMPLER)
@@ -809,8 +809,9 @@ def mean_std_table(rows, columns):
 
 
 def loss_curves_png(runs, path, size=(960, 300)):
-    """Each stage's training loss (metrics.jsonl) against its steps, one line per seed, drawn with PIL:
-    three panels (specialist, generalist, distill), each on its own linear scale."""
+    """Each stage's training action loss (metrics.jsonl: the action term, the quantity action degeneration
+    is about) against its steps, one line per seed, drawn with PIL: three panels (specialist, generalist,
+    distill), each on its own linear scale."""
     from PIL import ImageDraw
     stages, (W, H) = ("specialist", "generalist", "distill"), size
     img = Image.new("RGB", size, "white")
@@ -821,13 +822,13 @@ def loss_curves_png(runs, path, size=(960, 300)):
         for run in runs:
             with open(os.path.join(run, stage, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            curves.append([(r["step"], r["loss"]) for r in rows if math.isfinite(r["loss"])])
+            curves.append([(r["step"], r["action"]) for r in rows if math.isfinite(r["action"])])
         pts = [p for c in curves for p in c]
         x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
         y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
         left, top, right, bottom = k * pw + 45, 25, (k + 1) * pw - 10, H - 30
         draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
-        draw.text((left, 6), f"{stage} loss (steps {x0}-{x1})", fill="black")
+        draw.text((left, 6), f"{stage}: action loss (steps {x0}-{x1})", fill="black")
         draw.text((k * pw + 2, top), f"{y1:.2f}", fill="black")
         draw.text((k * pw + 2, bottom - 10), f"{y0:.2f}", fill="black")
         for n, c in enumerate(curves):
