@@ -210,6 +210,7 @@ class DualVLA(nn.Module):
         self.head = ActionExpert(config, hidden) if config.action_head == "flow" else None
         self.norm_stats = {}
         self.image_tokens = (config.image_size // 28) ** 2
+        self.ground_weight = 0.0  # weight of the grounding term in forward's loss (train.py's --ground-weight)
 
     # ---- inputs
 
@@ -351,7 +352,8 @@ class DualVLA(nn.Module):
         return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def forward(self, batch, noise=None, t=None):
-        """Eq. 2/3: lm_loss over the text targets, action_loss over the action (CE on bins or flow MSE).
+        """Eq. 2/3: lm_loss over the text targets, action_loss over the action (CE on bins or flow MSE);
+        flow head: plus ground_weight × the grounding term (0 unless train.py's --ground-weight).
 
         `noise`/`t` may be given so that a teacher sees the very same noisy action (distill.py).
         """
@@ -393,6 +395,8 @@ class DualVLA(nn.Module):
         out["lm_loss"] = out["lm_sum"] / out["lm_count"].clamp(min=1)
         out["action_loss"] = out["action_sum"] / out["action_count"].clamp(min=1)
         out["loss"] = out["lm_loss"] + out["action_loss"]
+        if "ground_sum" in out:  # not in the paper; at weight 0 it only keeps the probe in the graph (DDP)
+            out["loss"] = out["loss"] + self.ground_weight * out["ground_sum"] / out["ground_count"].clamp(min=1)
         return out
 
     # ---- inference

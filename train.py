@@ -373,6 +373,7 @@ def as_student(model, cfg, ctx):
     """The model to train, on the device; with --grad-checkpointing the backbone recomputes its activations
     in backward instead of keeping them (a 3B backbone's would not fit beside its AdamW state)."""
     model = on_device(model, ctx)
+    model.ground_weight = cfg.ground_weight  # in its loss even at 0: DDP needs every parameter in the graph
     if cfg.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable()
     return model
@@ -568,8 +569,8 @@ def vla_losses(model, micro, step, cfg, ctx, reasoning):
         with sync_context(model, cfg, ctx, last=k == len(batches) - 1), autocast(cfg, ctx):
             out = model(batch, **{name: x.to(ctx["device"]) for name, x in noise.items()})
             loss = out["lm_sum"] / n_lm + out["action_sum"] / n_act
-            if cfg.ground_weight and "ground_sum" in out:
-                loss = loss + cfg.ground_weight * out["ground_sum"] / n_ground
+            if "ground_sum" in out:  # also at weight 0, as in DualVLA.forward's loss
+                loss = loss + inner.ground_weight * out["ground_sum"] / n_ground
                 ground += float(out["ground_sum"].detach())
             loss = loss * ctx["world"]
         loss.backward()
