@@ -3015,6 +3015,20 @@ def test_own_robot_lerobot_set_with_two_cameras_and_14_dof(tmp_path, capsys):
                                                            "--demo-task", "bimanual"] + mc_flags())
 
 
+def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
+    import bench
+    eps, _ = bench.demo_records(1)
+    bench.write_lerobot_copy(eps, str(tmp_path / "ds"))
+    back = data.read_lerobot(str(tmp_path / "ds"))
+    assert [e["instruction"] for e in back] == [e["instruction"] for e in eps]
+    for a, b in zip(back, eps):
+        assert len(a["steps"]) == len(b["steps"])
+        for s, t in zip(a["steps"], b["steps"]):
+            assert np.array_equal(np.asarray(s["image"]), np.asarray(t["image"]))
+            np.testing.assert_allclose(s["action"], t["action"], rtol=1e-6)
+            np.testing.assert_allclose(s["state"], t["state"], rtol=1e-6)
+
+
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
     """bench.py --gpu's code path (issue #12) on a tiny model, on whatever device there is."""
     import bench
