@@ -139,7 +139,7 @@ class ActionExpert(nn.Module):
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 4 * w), nn.SiLU(),
                                                   nn.Linear(4 * w, w)) for _ in range(3))
         self.out = nn.Linear(w, n_act)
-        self.locate = nn.Linear(w, 2)  # grounding probe on the first camera's features (ground_loss)
+        self.locate = nn.Linear(w, 2)  # grounding probe on the first camera's features (the ground term)
         self.chunk, self.action_dim, self.width, self.target = cfg.chunk, cfg.action_dim, w, cfg.flow_target
 
     def context(self, query_states, head_pixels, state):

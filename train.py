@@ -863,8 +863,8 @@ def evaluate_demo(cfg, stages):
                                                   out=os.path.join(out, "eval", "sim"),
                                                   exec_horizon=8, state=True, reason=stage != "specialist"))
         print(f"{stage}: tabletop success {json.dumps(sim['success'])}")
-        loop = evaluate.open_loop_agreement(evaluate.load_policy_model(ckpt), episodes=cfg.eval_episodes,
-                                            reason=stage != "specialist")
+        model = evaluate.load_policy_model(ckpt)  # once, for the open-loop check and the benchmarks
+        loop = evaluate.open_loop_agreement(model, episodes=cfg.eval_episodes, reason=stage != "specialist")
         data.atomic_write(os.path.join(out, "eval", "open_loop.json"), json.dumps(loop, indent=1))
         print(f"{stage}: open-loop agreement with the expert: direction {loop['direction']:.3f}, "
               f"gripper {loop['gripper']:.3f}")
@@ -874,7 +874,6 @@ def evaluate_demo(cfg, stages):
         except UserError as e:  # e.g. the text embedder's package is not installed: the rest still counts
             print(f"{stage}: VLA Score skipped: {e}")
         if not cfg.mm_data:
-            model = evaluate.load_policy_model(ckpt)
             mm = evaluate.evaluate_mm(model, evaluate.MMConfig(
                 ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
                 out=out, limit=cfg.eval_questions))
