@@ -670,7 +670,7 @@ def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, m
     frames where the expert moves; `gripper`, the share of frames with the same open/closed command.
     max_frames: the first frames of each episode only (0: all)."""
     import tabletop
-    result = {}
+    per_task = {}
     for task in tasks or tabletop.TASKS:
         cos, grip = [], []
         for k in range(episodes):
@@ -681,10 +681,9 @@ def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, m
                 if np.linalg.norm(e[:3]) > 1e-3:
                     cos.append(float(a[:3] @ e[:3] / (np.linalg.norm(a[:3]) * np.linalg.norm(e[:3]) + 1e-9)))
                 grip.append(float((a[6] > 0.5) == (e[6] > 0.5)))
-        result[task] = dict(direction=float(np.mean(cos)) if cos else None, gripper=float(np.mean(grip)), frames=len(grip))
-    result["direction"] = float(np.mean([r["direction"] for r in result.values() if r["direction"] is not None]))
-    result["gripper"] = float(np.mean([r["gripper"] for r in result.values() if isinstance(r, dict)]))
-    return result
+        per_task[task] = dict(direction=float(np.mean(cos)) if cos else None, gripper=float(np.mean(grip)), frames=len(grip))
+    return dict(per_task, direction=float(np.mean([r["direction"] for r in per_task.values() if r["direction"] is not None])),
+                gripper=float(np.mean([r["gripper"] for r in per_task.values()])))
 
 
 def run_sim(cfg):
@@ -787,7 +786,8 @@ def stage_metrics(stage_dir):
     mm = read_json(os.path.join(stage_dir, "eval", "mm", "summary.json"), "demo benchmarks")["benchmarks"]
     vla = read_json(os.path.join(stage_dir, "eval", "vla_score", "summary.json"), "VLA Score")["policies"]
     m = dict(sim, success=float(np.mean(list(sim.values()))))
-    m.update({name: b["score"] for name, b in mm.items()}, mm=float(np.mean([b["score"] for b in mm.values()])))
+    m.update({name: b["score"] for name, b in mm.items()}, mm=float(np.mean([b["score"] for b in mm.values()])),
+             benchmarks=sorted(mm))
     m.update(next(iter(vla.values())))
     loop = os.path.join(stage_dir, "eval", "open_loop.json")
     if os.path.isfile(loop):  # x100: percent-like, as the other columns
@@ -851,13 +851,13 @@ def miniature_tables(runs):
     rows = dict(zip(("specialist", "generalist (co-trained, unpruned)", "DualVLA (pruned + dual-teacher KD)"),
                     main.values()))
     tasks = sorted(k for k in main["specialist"][0] if k.startswith("tabletop_"))
-    benches = sorted(read_json(os.path.join(runs[0], "specialist", "eval", "mm", "summary.json"), "")["benchmarks"])
+    benches = main["specialist"][0]["benchmarks"]
     ablation = {}
-    for kind, flag in (("prune", "prune"), ("kd", "kd")):
+    for kind in ("prune", "kd"):
         by_mode = {}
-        for run in runs:
-            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[flag]
-            by_mode.setdefault(own, []).append(main["distill"][runs.index(run)])
+        for run, distilled in zip(runs, main["distill"]):
+            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[kind]
+            by_mode.setdefault(own, []).append(distilled)
             root = os.path.join(run, "ablations")
             for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
                 if name.startswith(kind + "-"):
