@@ -427,6 +427,29 @@ def test_replaying_an_expert_episode_succeeds(task):
     assert info["progress"] == 1.0 and info["subtask"] == "done"
 
 
+def test_expert_episode_hold_frames_and_dart_noise():
+    clean = expert_episode("tabletop_pick", seed=7)
+    held = expert_episode("tabletop_pick", seed=7, hold=4)
+    n = len(clean["steps"])
+    assert len(held["steps"]) == n + 4
+    for s in held["steps"][n:]:   # after success the expert keeps still, gripper closed, the task done
+        assert s["phase"] == 4 and not s["action"][:3].any() and s["action"][6] == 0
+        assert s["reasoning"]["SUBTASK"] == "Done."
+    noisy = expert_episode("tabletop_pick", seed=7, noise=0.02)
+    assert noisy["steps"][-1]["phase"] < 4 and noisy["instruction"] == clean["instruction"]
+    states = [s["state"] for s in noisy["steps"]]
+    assert any(not np.array_equal(a, b) for a, b in zip(states, (s["state"] for s in clean["steps"])))
+    env = make("tabletop_pick", seed=7, cameras=())
+    env.reset()
+    src = env.scene["objects"][env.scene["jobs"][0]["src"]]["pos"]
+    moving = [s for s in noisy["steps"] if s["phase"] == 0]
+    for s in moving:   # the recorded action is the expert's from the perturbed state, not the executed one
+        to_goal = np.r_[src, tabletop.Z_HIGH] - s["state"][:3]
+        step = to_goal if np.linalg.norm(to_goal) <= tabletop.SPEED else to_goal / np.linalg.norm(to_goal) * tabletop.SPEED
+        assert np.allclose(s["action"][:3], step, atol=1e-5)
+    assert len(moving) >= 5
+
+
 def test_success_persists_when_the_expert_runs_to_the_step_limit():
     """evaluate.py sim steps until truncation and reads success at the last step (SimplerEnv's loop)."""
     env = make("tabletop_place", seed=2, cameras=())
@@ -592,6 +615,9 @@ def test_cli_writes_the_demo_folder_and_rejects_bad_flags(tmp_path):
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "x"), "--cameras", "head_camera"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "valid names" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "x"), "--noise", "0.2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --noise must be in [0, 0.06)")
     assert not (tmp_path / "x").exists()
 
 
