@@ -57,6 +57,7 @@ GRASP_Z = 0.04       # the fingers reach an object at or below this height
 GRASP_RADIUS = 0.05  # ... whose centre is this close
 LIFT_Z = 0.15        # pick succeeds once the object is this high
 AT_TOL = 0.02        # "above the object/goal" for the subtask bookkeeping
+NEAR_TOL = 0.1       # below carrying height and this close: correct in place rather than go back up
 NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.18, 0.13, 0.03   # move-near success, expert's goal, distractors
 HEIGHT_SCALE = 1.5   # top-down camera: things closer to it look bigger
 SS = 4               # render at SS x the image size, then box-filter down (anti-aliasing)
@@ -208,15 +209,18 @@ def phase_of(scene, i):
     if job_done(scene, i):
         return len(job["subtasks"])
     xy, z = arm["pos"][:2], arm["pos"][2]
+    low = z < Z_HIGH - 1e-6
     if arm["held"] != job["src"]:
-        if np.linalg.norm(xy - scene["objects"][job["src"]]["pos"]) > AT_TOL:
+        d = np.linalg.norm(xy - scene["objects"][job["src"]]["pos"])
+        if d > AT_TOL and not (low and d < NEAR_TOL):
             return 0
-        return 1 if z > GRASP_Z else 2
+        return 1 if z > GRASP_Z or d > AT_TOL else 2
     if job["goal"] is None:
         return 3
-    if np.linalg.norm(xy - job["goal"]) > AT_TOL:
-        return 3 if z < Z_HIGH - 1e-6 else 4
-    return 5 if z > GRASP_Z else 6
+    d = np.linalg.norm(xy - job["goal"])
+    if d > AT_TOL and not (low and d < NEAR_TOL):
+        return 3 if low else 4
+    return 5 if z > GRASP_Z or d > AT_TOL else 6
 
 
 def step_world(scene, action):

@@ -450,6 +450,31 @@ def test_expert_episode_hold_frames_and_dart_noise():
     assert len(moving) >= 5
 
 
+def test_expert_corrects_in_place_when_low_and_slightly_off():
+    """Knocked off the object below carrying height, the expert slides back at that height (DART recoveries,
+    closed-loop drift) instead of climbing to carrying height and descending again."""
+    env = make("tabletop_place", seed=3, cameras=())
+    env.reset()
+    scene = env.scene
+    job, arm = scene["jobs"][0], scene["arms"][0]
+    src = scene["objects"][job["src"]]["pos"]
+    arm["pos"] = np.r_[src + [0.04, 0.0], tabletop.Z_LOW]
+    assert tabletop.phase_of(scene, 0) == 1
+    a = expert_action(env)
+    assert np.allclose(a[:3], [-0.04, 0.0, 0.0]) and a[6] == 1.0   # straight back over the object, gripper open
+    arm["pos"] = np.r_[src + [0.15, 0.0], tabletop.Z_LOW]            # farther off: back up to carrying height
+    assert tabletop.phase_of(scene, 0) == 0 and expert_action(env)[2] > 0
+    env.step(np.r_[-0.15, 0.0, 0.0, 0, 0, 0, 1.0])                   # over it again (clipped to MAX_STEP)
+    env.step(np.r_[-0.06, 0.0, 0.0, 0, 0, 0, 1.0])
+    env.step(np.r_[-0.03, 0.0, 0.0, 0, 0, 0, 1.0])
+    assert tabletop.phase_of(scene, 0) == 2                          # low and within AT_TOL: grasp
+    env.step(expert_action(env))
+    assert arm["held"] == job["src"]
+    arm["pos"] = np.r_[job["goal"] + [0.0, 0.05], tabletop.Z_LOW]     # carrying, low, a little off the goal
+    scene["objects"][job["src"]]["pos"] = arm["pos"][:2].copy()
+    assert tabletop.phase_of(scene, 0) == 5 and np.allclose(expert_action(env)[:3], [0.0, -0.05, 0.0])
+
+
 def test_success_persists_when_the_expert_runs_to_the_step_limit():
     """evaluate.py sim steps until truncation and reads success at the last step (SimplerEnv's loop)."""
     env = make("tabletop_place", seed=2, cameras=())
