@@ -525,27 +525,30 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
     env = make(task_name, seed, image_size, cameras=cameras)
     rng = np.random.default_rng([seed, 1])   # its own stream: the scene is drawn from seed alone
     obs, info = env.reset()
-    steps, left = [], None
-    for _ in range(env.max_steps + hold):
-        action = expert_action(env)
+    steps = []
+
+    def record(action):
         imgs = [Image.fromarray(obs["image"][c]["rgb"]) for c in env.camera_names]
         steps.append(dict(image=imgs[0] if len(imgs) == 1 else imgs, state=obs["state"], action=action,
                           reasoning=step_reasoning(env, action), phase=info["phase"]))
+
+    for _ in range(env.max_steps):
+        action = expert_action(env)
+        record(action)
         executed = action.copy()
-        if noise and left is None and rng.random() < 0.3:
+        if noise and rng.random() < 0.3:
             for i in range(env.n_arms):
                 executed[7 * i:7 * i + 3] += rng.normal(0, noise, 3)
         obs, _, success, _, info = env.step(executed)
-        if success and left is None:
-            left = hold
-        if left is not None:
-            if left == 0:
-                break
-            left -= 1
+        if success:
+            break
     else:
         if noise:
             return expert_episode(task_name, seed, image_size, cameras, hold)
         raise RuntimeError(f"expert failed on {task_name} seed {seed}")
+    for _ in range(hold):   # the expert keeps still, and the task stays done
+        record(expert_action(env))
+        obs, _, _, _, info = env.step(steps[-1]["action"])
     return dict(id=f"{task_name}_{seed:05d}", instruction=env.get_language_instruction(), robot="tabletop",
                 task=task_name, steps=steps)
 
