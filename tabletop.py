@@ -547,8 +547,9 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
             return expert_episode(task_name, seed, image_size, cameras, hold)
         raise RuntimeError(f"expert failed on {task_name} seed {seed}")
     for _ in range(hold):   # the expert keeps still, and the task stays done
-        record(expert_action(env))
-        obs, _, _, _, info = env.step(steps[-1]["action"])
+        action = expert_action(env)
+        record(action)
+        obs, _, _, _, info = env.step(action)
     return dict(id=f"{task_name}_{seed:05d}", instruction=env.get_language_instruction(), robot="tabletop",
                 task=task_name, steps=steps)
 

@@ -444,9 +444,7 @@ def test_expert_episode_hold_frames_and_dart_noise():
     src = env.scene["objects"][env.scene["jobs"][0]["src"]]["pos"]
     moving = [s for s in noisy["steps"] if s["phase"] == 0]
     for s in moving:   # the recorded action is the expert's from the perturbed state, not the executed one
-        to_goal = np.r_[src, tabletop.Z_HIGH] - s["state"][:3]
-        step = to_goal if np.linalg.norm(to_goal) <= tabletop.SPEED else to_goal / np.linalg.norm(to_goal) * tabletop.SPEED
-        assert np.allclose(s["action"][:3], step, atol=1e-5)
+        assert np.allclose(s["action"][:3], tabletop._toward(s["state"][:3], np.r_[src, tabletop.Z_HIGH]), atol=1e-5)
     assert len(moving) >= 5
 
 
