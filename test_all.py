@@ -2879,8 +2879,20 @@ def test_presets_and_flags():
     demo = train.stage_config("specialist", {"steps": 7})
     assert demo.steps == 7 and demo.freeze_vlm_steps > 0 and demo.out == os.path.join("runs", "demo")
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
+    mini = train.stage_config("specialist", {"preset": "mini"})
+    assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
+    with pytest.raises(UserError, match="--demo-noise"):
+        train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
     explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
+
+
+def test_demo_data_is_written_with_the_presets_hold_and_noise(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tabletop, "write_demo", lambda root, *a, **k: seen.update(k, root=root))
+    cfg = train.stage_config("specialist", {"preset": "mini", "out": str(tmp_path)})
+    assert train.demo_data(cfg, {"rank": 0, "world": 1}) == seen["root"] == str(tmp_path / "data")
+    assert (seen["hold"], seen["noise"]) == (6, 0.02)
 
 
 # ============================================================================= two cameras, two arms (issue 14)

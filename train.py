@@ -61,7 +61,7 @@ DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo
 @dataclass
 class TrainConfig:
     stage: str = "distill"          # specialist | generalist | prune | distill | all
-    preset: str = "demo"            # demo: CPU, minutes, tiny random backbone | paper: Qwen2.5-VL-3B on GPUs
+    preset: str = "demo"            # demo: CPU, minutes | mini: the miniature reproduction, CPU, ~1 h | paper: Qwen2.5-VL-3B on GPUs
     out: str = ""                   # run folder; "" = runs/<preset>
     # data; "" = the tabletop demo data, written to OUT/data on first use
     data: str = ""                  # robot episodes: an episode folder (episodes.jsonl) or a LeRobot root
@@ -72,6 +72,8 @@ class TrainConfig:
     demo_episodes: int = 100        # demo data: expert episodes per tabletop task
     demo_qa: int = 3000             # demo data: question-answer pairs
     demo_task: str = "single"       # demo robot data: single (3 one-arm tasks, 7-D) | bimanual (2 arms, 14-D)
+    demo_hold: int = 0              # demo data: expert steps recorded after each success (tabletop.py --hold)
+    demo_noise: float = 0.0         # demo data: DART noise on the executed motion (tabletop.py --noise)
     cameras: str = ""               # comma-separated, frame order: demo cameras, LeRobot keys or names; "" = data's
     # model
     backbone: str = ""              # specialist's VLM (hub name or folder); "" = OUT/tiny (demo) or Qwen (paper)
@@ -129,6 +131,18 @@ PRESETS = {
         "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
         "generalist": dict(steps=150, batch_size=16, lr=1e-4),
         "distill": dict(steps=150, batch_size=16, lr=1e-4),
+    },
+    # The miniature reproduction (README "The miniature"): the settings under which the demo specialist
+    # learned most in the third session's search: 10x the demos, with hold steps and DART noise, the VLM
+    # trained with the head from step 0, 4,000 cosine steps; co-training at lr 1e-3 with half the batch
+    # multimodal, the first setting in which the random tiny VLM learned any QA. Distillation uses the
+    # generalist's settings, so DualVLA differs from it only by pruning and the teachers.
+    "mini": {
+        "common": dict(threads=1, flow_target="action", demo_episodes=1000, demo_hold=6, demo_noise=0.02,
+                       eval_episodes=8),
+        "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", ground_weight=1.0),
+        "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
+        "distill": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
     },
     "paper": {
         "common": dict(backbone=PAPER_BACKBONE, image_size=224, n_queries=64, batch_size=128, schedule="cosine",
@@ -199,6 +213,8 @@ def validate(cfg):
         raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
+    if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
+        raise UserError(f"need --demo-hold >= 0 and 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step)")
     if cfg.data and cfg.demo_task != "single":
         raise UserError("--demo-task picks the demo's robot data; with --data there is no demo data to pick")
     if not cfg.data and camera_list(cfg):  # here, on every rank: the demo data is written by rank 0 alone
@@ -227,7 +243,8 @@ def demo_data(cfg, ctx):
               f" ({', '.join(cameras)})")
         t0 = time.time()
         tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed, cameras=cameras,
-                            bimanual_episodes=cfg.demo_episodes if cfg.demo_task == "bimanual" else 0)
+                            bimanual_episodes=cfg.demo_episodes if cfg.demo_task == "bimanual" else 0,
+                            hold=cfg.demo_hold, noise=cfg.demo_noise)
         print(f"demo data: done in {time.time() - t0:.0f} s")
     barrier(ctx)  # always: whether the files exist must not decide which ranks meet here
     return root
