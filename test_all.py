@@ -2763,8 +2763,8 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
     monkeypatch.setattr(evaluate, "MMConfig", functools.partial(evaluate.MMConfig, max_new_tokens=4))
     monkeypatch.setattr(evaluate, "open_loop_agreement", functools.partial(evaluate.open_loop_agreement, max_frames=2))
-    train.main(["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"]
-               + flags(steps=2))
+    args = ["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"] + flags(steps=2)
+    train.main(args)
     printed = capsys.readouterr().out
     for stage in ("specialist", "generalist", "distill"):
         assert summary(out, stage)["steps"] == 2
@@ -2800,6 +2800,17 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     for kind, mode in modes + [("prune", "both"), ("kd", "dual")]:
         assert f"| {mode} |" in text
     assert error_line(capsys, evaluate.main, ["table", "--runs", os.path.join(out, "nope")]).startswith("error: --runs")
+    # --resume after the finished run trains and evaluates nothing again; another flag value is a new run
+    summaries = sorted(Path(out).rglob("summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    train.main(args + ["--resume"])
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == 4 + len(modes) and printed.count("already evaluated") == 3 + len(modes)
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    explicit = train.parse_args(args + ["--resume"])
+    assert train.finished(train.stage_config("distill", explicit))["steps"] == 2
+    assert train.finished(train.stage_config("distill", dict(explicit, lr=0.5))) is None
+    assert train.finished(train.stage_config("prune", dict(explicit, prune="scene"))) is None
 
 
 def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):

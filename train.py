@@ -809,10 +809,44 @@ def run_prune(cfg, ctx):
     return dict(stage="prune", model=out, wall_s=round(time.time() - t0, 1))
 
 
+# Flags that change no stage's result: a finished run with other values of these still counts as done.
+RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every")
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished(cfg):
+    """--resume: this stage's summary if its run already finished with the same flags, else None. So a killed
+    `--stage all` goes on where it stopped, and `--stage all --ablations --resume` after a plain `--stage all`
+    trains only the ablations."""
+    if not cfg.resume:
+        return None
+    if cfg.stage == "prune":
+        out = os.path.join(cfg.out, "pruned")
+        stats = os.path.join(out, "prune_stats.json")
+        done = os.path.isfile(stats) and load_json(stats).get("mode") == cfg.prune
+        return dict(stage="prune", model=out, wall_s=0.0) if done else None
+    stage_dir = os.path.join(cfg.out, cfg.stage)
+    paths = [os.path.join(stage_dir, f) for f in ("summary.json", "config.json")]
+    if not all(map(os.path.isfile, paths)):
+        return None
+    summary, old = load_json(paths[0]), load_json(paths[1])
+    same = all(old.get(k) == v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUN_ONLY)
+    return summary if same and summary.get("steps") == cfg.steps else None
+
+
 def run_stage(stage, explicit, ctx):
     """Run `stage`, building its missing default inputs first (or reusing them from OUT)."""
     cfg = stage_config(stage, explicit)
     validate(cfg)
+    done = finished(cfg)
+    if done:
+        if ctx["rank"] == 0:
+            print(f"{stage}: already done in {done['model']} with these flags (--resume)")
+        return [done]
     inputs, done = stage_inputs(cfg), []
     for name, (path, maker) in inputs.items():
         exists = os.path.isfile(os.path.join(path, "model.safetensors")) or \
@@ -876,6 +910,10 @@ def evaluate_demo(cfg, stages):
     kb = demo_kb(cfg, evaluate)
     for stage in stages:
         ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
+        last = [os.path.join(out, "eval", f) for f in ("sim/sim_results.json", "open_loop.json", "mm/summary.json")]
+        if cfg.resume and all(map(os.path.isfile, last)):  # written in this order: a killed run redoes the rest
+            print(f"{stage}: already evaluated in {out}/eval (--resume)")
+            continue
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
                                                   exec_horizon=8, state=True, reason=stage != "specialist"))
