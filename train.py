@@ -61,7 +61,7 @@ DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo
 @dataclass
 class TrainConfig:
     stage: str = "distill"          # specialist | generalist | prune | distill | all
-    preset: str = "demo"            # demo: CPU, minutes | mini: the miniature reproduction, CPU, ~1 h | paper: Qwen2.5-VL-3B on GPUs
+    preset: str = "demo"            # demo: CPU, minutes | mini: the miniature, CPU, ~45 min a seed | paper: Qwen2.5-VL-3B on GPUs
     out: str = ""                   # run folder; "" = runs/<preset>
     # data; "" = the tabletop demo data, written to OUT/data on first use
     data: str = ""                  # robot episodes: an episode folder (episodes.jsonl) or a LeRobot root
@@ -336,8 +336,7 @@ def checkpoint_head(path, cfg):
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise UserError(f"{path} is not a DualVLA checkpoint: missing config.json")
-    with open(config) as f:
-        head = json.load(f).get("action_head")
+    head = load_json(config).get("action_head")
     if head != cfg.action_head:
         raise UserError(f"{path} has action head {head!r} but this run asks for {cfg.action_head!r} "
                         f"(--action-head); pick the matching head or another --out")
@@ -511,9 +510,13 @@ def restore_checkpoint(path, model, opt, cfg, ctx):
     return done["step"], torch.load(os.path.join(path, f"rng_rank{ctx['rank']}.pt"), weights_only=False)
 
 
-def progress(path):
-    with open(os.path.join(path, "progress.json")) as f:
+def load_json(path):
+    with open(path) as f:
         return json.load(f)
+
+
+def progress(path):
+    return load_json(os.path.join(path, "progress.json"))
 
 
 def set_rng_states(s):
@@ -813,11 +816,6 @@ def run_prune(cfg, ctx):
 RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every")
 
 
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def finished(cfg):
     """--resume: this stage's summary if its run already finished with the same flags, else None. So a killed
     `--stage all` goes on where it stopped, and `--stage all --ablations --resume` after a plain `--stage all`
@@ -842,11 +840,11 @@ def run_stage(stage, explicit, ctx):
     """Run `stage`, building its missing default inputs first (or reusing them from OUT)."""
     cfg = stage_config(stage, explicit)
     validate(cfg)
-    done = finished(cfg)
-    if done:
+    previous = finished(cfg)
+    if previous:
         if ctx["rank"] == 0:
-            print(f"{stage}: already done in {done['model']} with these flags (--resume)")
-        return [done]
+            print(f"{stage}: already done in {previous['model']} with these flags (--resume)")
+        return [previous]
     inputs, done = stage_inputs(cfg), []
     for name, (path, maker) in inputs.items():
         exists = os.path.isfile(os.path.join(path, "model.safetensors")) or \
