@@ -2898,6 +2898,16 @@ def test_presets_and_flags():
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
 
 
+def test_a_checkpoint_of_another_action_head_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"action_head": "flow"}))
+    tokens = train.stage_config("distill", {"action_head": "tokens"})
+    with pytest.raises(UserError, match="has action head 'flow' but this run asks for 'tokens'"):
+        train.checkpoint_head(str(tmp_path), tokens)
+    train.checkpoint_head(str(tmp_path), train.stage_config("distill", {}))  # the same head passes
+    with pytest.raises(UserError, match="missing config.json"):
+        train.checkpoint_head(str(tmp_path / "nope"), tokens)
+
+
 def test_demo_data_is_written_with_the_presets_hold_and_noise(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(tabletop, "write_demo", lambda root, *a, **k: seen.update(k, root=root))
