@@ -832,7 +832,8 @@ def finished(cfg):
     if not all(map(os.path.isfile, paths)):
         return None
     summary, old = load_json(paths[0]), load_json(paths[1])
-    same = all(old.get(k) == v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUN_ONLY)
+    flags = json.loads(json.dumps(asdict(cfg)))  # as config.json stores them (tuples become lists)
+    same = all(old.get(k) == v for k, v in flags.items() if k not in RUN_ONLY)
     return summary if same and summary.get("steps") == cfg.steps else None
 
 
@@ -908,8 +909,8 @@ def evaluate_demo(cfg, stages):
     kb = demo_kb(cfg, evaluate)
     for stage in stages:
         ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
-        last = [os.path.join(out, "eval", f) for f in ("sim/sim_results.json", "open_loop.json", "mm/summary.json")]
-        if cfg.resume and all(map(os.path.isfile, last)):  # written in this order: a killed run redoes the rest
+        written = ("sim/sim_results.json", "open_loop.json") + (() if cfg.mm_data else ("mm/summary.json",))
+        if cfg.resume and all(os.path.isfile(os.path.join(out, "eval", f)) for f in written):  # in this order
             print(f"{stage}: already evaluated in {out}/eval (--resume)")
             continue
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
