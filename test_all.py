@@ -31,20 +31,22 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+import benchmarks
 import data
 import evaluate
-import evaluate as vs
 import prune
 import tabletop
 import train
+import vla_score as vs
+from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_choice, extract_yes_no,
+                        main_mm, mm_prompt, mm_table, normalize_vqa_answer, ocrbench_hit, parse_bench, read_tsv,
+                        row_images, select_rows, tsv_path, vqa_accuracy)
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
-from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
-                      SimConfig, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
-                      ensemble_action, episode_specs, euler_to_axangle, euler_to_quat, evaluate_mm, extract_choice,
-                      extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
-                      ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
-                      select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
+from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, Policy, RandomPolicy, SimConfig,
+                      add_sim_args, add_table_args, column_success, ensemble_action, episode_specs, euler_to_axangle,
+                      euler_to_quat, main_sim, main_table, open_episode, quat_mul, run_episode, run_sim, simpler_grid,
+                      simpler_table, sweep)
 from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, load_backbone
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
@@ -2761,7 +2763,7 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     out = fresh_run(base_run, tmp_path)
     # short rollouts and answers: the untrained models would otherwise babble to the token limits
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
-    monkeypatch.setattr(evaluate, "MMConfig", functools.partial(evaluate.MMConfig, max_new_tokens=4))
+    monkeypatch.setattr(benchmarks, "MMConfig", functools.partial(benchmarks.MMConfig, max_new_tokens=4))
     monkeypatch.setattr(evaluate, "open_loop_agreement", functools.partial(evaluate.open_loop_agreement, max_frames=2))
     args = ["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"] + flags(steps=2)
     train.main(args)

@@ -886,27 +886,29 @@ def eval_commands(cfg, stage):
             f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
 
 
-def demo_kb(cfg, evaluate):
+def demo_kb(cfg, evaluate, vla_score):
     """The demo's VLA Score knowledge base: the expert's rollouts on held-out seeds, oracle-scored (cached)."""
     kb = os.path.join(cfg.out, "data", "kb.jsonl")
     if not os.path.isfile(kb):
         rollouts = os.path.join(cfg.out, "data", "kb_rollouts")
         evaluate.run_sim(evaluate.SimConfig(env="tabletop", policy="expert", episodes=4, seed=900, out=rollouts))
-        evaluate.build_kb(rollouts, kb)
+        vla_score.build_kb(rollouts, kb)
     return kb
 
 
 def evaluate_demo(cfg, stages):
     """--stage all: evaluate.py's sim (tabletop) and mm (the demo's TSVs) for each trained model."""
     try:
+        import benchmarks
         import evaluate
+        import vla_score
     except ImportError:
         print("evaluate.py not found: skipping the evaluation; run evaluate.py on the models above later")
         return
     if cfg.data:
         print("--data is not the tabletop demo: evaluate with SimplerEnv on a GPU (the commands below)")
         return
-    kb = demo_kb(cfg, evaluate)
+    kb = demo_kb(cfg, evaluate, vla_score)
     for stage in stages:
         ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
         written = ("sim/sim_results.json", "open_loop.json") + (() if cfg.mm_data else ("mm/summary.json",))
@@ -923,12 +925,12 @@ def evaluate_demo(cfg, stages):
         print(f"{stage}: open-loop agreement with the expert: direction {loop['direction']:.3f}, "
               f"gripper {loop['gripper']:.3f}")
         try:  # VLA Score (Eq. 8) with the oracle judge, the demo's KB as few-shot examples
-            evaluate.main_score(evaluate.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
-                                                     image_embedder="pixels", out=os.path.join(out, "eval", "vla_score")))
+            vla_score.main_score(vla_score.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
+                                                       image_embedder="pixels", out=os.path.join(out, "eval", "vla_score")))
         except UserError as e:  # e.g. the text embedder's package is not installed: the rest still counts
             print(f"{stage}: VLA Score skipped: {e}")
         if not cfg.mm_data:
-            mm = evaluate.evaluate_mm(model, evaluate.MMConfig(
+            mm = benchmarks.evaluate_mm(model, benchmarks.MMConfig(
                 ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
                 out=out, limit=cfg.eval_questions))
             print(f"{stage}: demo benchmarks " + json.dumps({k: v.get("score") for k, v in mm["benchmarks"].items()}))

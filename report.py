@@ -1,0 +1,124 @@
+"""The tabletop miniature's tables and plots: the paper's Tables 2, 5, 6/7/8 and its multimodal average
+(Sec. 4) over seeds, from the run folders `train.py --stage all --ablations` writes.
+
+    python evaluate.py table --runs OUT1 OUT2 OUT3 --out report.md
+"""
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from data import atomic_write
+from model import UserError
+
+
+# ============================================================================= the miniature (Sec. 4's tables)
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing ({what})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_metrics(stage_dir):
+    """One model's demo evaluation as train.py --stage all writes it under STAGE/eval/: tabletop success
+    per task and its average, each demo benchmark's score and their average, and the VLA Score row."""
+    sim = read_json(os.path.join(stage_dir, "eval", "sim", "sim_results.json"), "tabletop success")["success"]
+    mm = read_json(os.path.join(stage_dir, "eval", "mm", "summary.json"), "demo benchmarks")["benchmarks"]
+    vla = read_json(os.path.join(stage_dir, "eval", "vla_score", "summary.json"), "VLA Score")["policies"]
+    m = dict(sim, success=float(np.mean(list(sim.values()))))
+    m.update({name: b["score"] for name, b in mm.items()}, mm=float(np.mean([b["score"] for b in mm.values()])),
+             benchmarks=sorted(mm))
+    m.update(next(iter(vla.values())))
+    loop = os.path.join(stage_dir, "eval", "open_loop.json")
+    if os.path.isfile(loop):  # x100: percent-like, as the other columns
+        m.update({f"{k}_agreement": 100 * v for k, v in read_json(loop, "open-loop agreement").items() if k in ("direction", "gripper")})
+    return m
+
+
+def mean_std_table(rows, columns):
+    """rows: name -> list of metric dicts (one per seed) -> Markdown, 'mean ± std' over seeds (std with n-1)."""
+    def cell(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}"
+    lines = ["| | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell([m.get(c) for m in ms]) for c in columns) + " |"
+              for name, ms in rows.items()]
+    return "\n".join(lines)
+
+
+def loss_curves_png(runs, path, size=(960, 300)):
+    """Each stage's training action loss (metrics.jsonl: the action term, the quantity action degeneration
+    is about) against its steps, one line per seed, drawn with PIL: three panels (specialist, generalist,
+    distill), each on its own linear scale."""
+    from PIL import ImageDraw
+    stages, (W, H) = ("specialist", "generalist", "distill"), size
+    img = Image.new("RGB", size, "white")
+    draw, pw = ImageDraw.Draw(img), W // len(stages)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for k, stage in enumerate(stages):
+        curves = []
+        for run in runs:
+            with open(os.path.join(run, stage, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            curves.append([(r["step"], r["action"]) for r in rows if math.isfinite(r["action"])])
+        pts = [p for c in curves for p in c]
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        left, top, right, bottom = k * pw + 45, 25, (k + 1) * pw - 10, H - 30
+        draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
+        draw.text((left, 6), f"{stage}: action loss (steps {x0}-{x1})", fill="black")
+        draw.text((k * pw + 2, top), f"{y1:.2f}", fill="black")
+        draw.text((k * pw + 2, bottom - 10), f"{y0:.2f}", fill="black")
+        for n, c in enumerate(curves):
+            xy = [(left + (right - left) * (x - x0) / max(x1 - x0, 1), bottom - (bottom - top) * (y - y0) / max(y1 - y0, 1e-9))
+                  for x, y in c]
+            draw.line(xy, fill=colours[n % len(colours)], width=2)
+    draw.text((10, H - 18), "one line per run: " + ", ".join(os.path.basename(os.path.normpath(r)) for r in runs), fill="black")
+    atomic_write(path, lambda f: img.save(f, format="PNG"), binary=True)
+
+
+def miniature_tables(runs):
+    """The paper's tables in miniature over seeds (one run folder each): Table 2 (tabletop success), the
+    multimodal average, Table 5 (VLA Score, oracle judge), Tables 7 and 8 (--prune and --kd modes; the
+    main distill run is its own mode's row, the others come from OUT/ablations/<kind>-<mode>/distill)."""
+    for run in runs:
+        if not os.path.isdir(run):
+            raise UserError(f"--runs {run}: no such folder")
+    main = {stage: [stage_metrics(os.path.join(run, stage)) for run in runs]
+            for stage in ("specialist", "generalist", "distill")}
+    rows = dict(zip(("specialist", "generalist (co-trained, unpruned)", "DualVLA (pruned + dual-teacher KD)"),
+                    main.values()))
+    tasks = sorted(k for k in main["specialist"][0] if k.startswith("tabletop_"))
+    benches = main["specialist"][0]["benchmarks"]
+    ablation = {}
+    for kind in ("prune", "kd"):
+        by_mode = {}
+        for run, distilled in zip(runs, main["distill"]):
+            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[kind]
+            by_mode.setdefault(own, []).append(distilled)
+            root = os.path.join(run, "ablations")
+            for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+                if name.startswith(kind + "-"):
+                    by_mode.setdefault(name[len(kind) + 1:], []).append(stage_metrics(os.path.join(root, name, "distill")))
+        ablation[kind] = by_mode
+    n = f"{len(runs)} seed{'s' * (len(runs) > 1)}, mean ± std"
+    score_cols = dict(R="R", A="A", I="I", RA="RA", Sim="success", VLA_Score="VLA Score")
+    out = [f"### Table 2 analogue: tabletop success % ({n})", "",
+           mean_std_table(rows, dict({t: t.replace("tabletop_", "") for t in tasks}, success="Avg",
+                                     direction_agreement="open-loop direction ×100", gripper_agreement="open-loop gripper %")), "",
+           f"### Multimodal analogue: demo benchmarks ({n})", "",
+           mean_std_table(rows, dict({b: b for b in benches}, mm="Avg")), "",
+           f"### Table 5 analogue: VLA Score with the oracle judge, % ({n})", "",
+           mean_std_table(rows, score_cols)]
+    for kind, title in (("prune", "Table 7 analogue: pruning modes (--prune)"),
+                        ("kd", "Tables 6/8 analogue: distillation modes (--kd)")):
+        out += ["", f"### {title} ({n} where a mode has all)", "",
+                mean_std_table(ablation[kind], dict(success="tabletop Avg", direction_agreement="open-loop direction ×100",
+                                                    mm="benchmarks Avg", VLA_Score="VLA Score"))]
+    return "\n".join(out)
