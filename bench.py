@@ -9,7 +9,7 @@
 Every figure is a ratio of two medians taken in this process, so
 it holds across machines far better than an absolute time. Warm-up runs are excluded.
 
---gpu (issue #12) measures the paper preset's train steps on a random model of Qwen2.5-VL-3B's size
+--gpu measures the paper preset's train steps on a random model of Qwen2.5-VL-3B's size
 through train.py's own model setup and step functions: a plain fine-tune step and a `--kd dual`
 distill step (student + two teachers resident), each as samples/s, tokens/s, MFU and peak memory.
 """
@@ -324,7 +324,7 @@ def run(cfg):
                 torch=torch.__version__)
 
 
-# ----------------------------------------------------------------------------- GPU figures (issue #12)
+# ----------------------------------------------------------------------------- GPU figures
 
 # Qwen/Qwen2.5-VL-3B-Instruct's config.json, so that a random model of the real size is built offline
 # (transformers' Qwen2_5_VLConfig defaults are the 7B's): 3.75 B parameters. The tokenizer and image
@@ -468,7 +468,7 @@ def train_step(student, teachers, opt, cfg, ctx):
 
 
 def gpu_figures(cfg):
-    """The paper preset's fine-tune step and `--kd dual` distill step on one device (issue #12), through
+    """The paper preset's fine-tune step and `--kd dual` distill step on one device, through
     train.py's model setup (new_model, as_student, as_teacher, make_optimizer) and step functions
     (vla_losses, distill_losses, optimizer_step): fp32 master weights under bf16 autocast on CUDA, bf16
     teachers, gradient checkpointing, AdamW, 224 px images, 64 queries, a flow head with chunk 16.
@@ -558,7 +558,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     p.add_argument("--demo", default=d.demo, help="folder with generalist/ and distill/ checkpoints")
-    p.add_argument("--gpu", action="store_true", help="the GPU figures of the paper preset instead (issue #12)")
+    p.add_argument("--gpu", action="store_true", help="the GPU figures of the paper preset instead")
     p.add_argument("--gpu-size", choices=tuple(GPU_SIZES), default=d.gpu_size,
                    help="3b: Qwen2.5-VL-3B's size; tiny: a CPU-sized test of the same path (default %(default)s)")
     p.add_argument("--gpu-micro", type=int, default=d.gpu_micro,

@@ -76,7 +76,7 @@ def kinematic_labels(pose, gripper, floor=PruneConfig.acc_floor):
     Angles are unwrapped along time (a yaw going from +pi to -pi is a small turn, not a jump), and
     T'' = np.gradient(np.gradient(T)) (central differences, one-sided at the ends). The first frame of a
     new gripper state is labelled. The threshold is max(episode mean, floor) (see PruneConfig.acc_floor).
-    Two arms (issue 14): a frame is labelled if EITHER arm's acceleration is above that arm's own
+    Two arms: a frame is labelled if EITHER arm's acceleration is above that arm's own
     episode mean or EITHER gripper flips -- each arm is judged against its own motion, so a slow arm's
     moves are not drowned out by a fast one.
     Short episodes: N = 2 has T'' == 0 exactly, N = 1 none at all, so only gripper flips are labelled

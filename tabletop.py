@@ -1,5 +1,5 @@
 """A CPU-sized tabletop world with SimplerEnv's interface, a scripted expert that writes ECoT-style
-reasoning, and multimodal QA + VLMEvalKit demo benchmarks from the same renderer (issues 4, 14).
+reasoning, and multimodal QA + VLMEvalKit demo benchmarks from the same renderer.
 
     env = make("tabletop_pick", seed=0)             # reset / step / get_language_instruction
     ep = expert_episode("tabletop_place", seed=3)   # dict(id, instruction, robot, task, steps)
@@ -33,7 +33,7 @@ import data
 class DemoConfig:
     out: str = "data/demo"
     episodes: int = 100          # per single-arm task: 300 episodes, ~8 k frames for the demo
-    bimanual_episodes: int = 0   # 14-DoF episodes (issue 14); 0 keeps the default demo 7-DoF
+    bimanual_episodes: int = 0   # 14-DoF (two-arm) episodes; 0 keeps the default demo 7-DoF
     qa: int = 3000               # LLaVA-style QA pairs for co-training (Sec. 3.1's multimodal data)
     bench: int = 200             # questions per demo benchmark TSV
     seed: int = 0

@@ -54,7 +54,7 @@ from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode,
 
 # ============================================================================= model.py and distill.py
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     return build_tiny(str(tmp_path_factory.mktemp("tiny")))
 
@@ -2660,7 +2660,7 @@ def flags(**kw):
     return [x for k, v in {**FAST, **kw}.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """Demo data (2 episodes per task, 24 QA pairs) and the tiny backbone, as train.py caches them."""
     out = tmp_path_factory.mktemp("base")
@@ -2918,7 +2918,7 @@ def test_demo_data_is_written_with_the_presets_hold_and_noise(tmp_path, monkeypa
     assert (seen["hold"], seen["noise"]) == (6, 0.02)
 
 
-# ============================================================================= two cameras, two arms (issue 14)
+# ============================================================================= two cameras, two arms
 
 CAMS = ("overhead_camera", "wrist_camera")
 MULTICAM = dict(steps=3, batch_size=4)  # smaller than FAST: this chain runs every stage
@@ -3114,7 +3114,7 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
 
 
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
-    """bench.py --gpu's code path (issue #12) on a tiny model, on whatever device there is."""
+    """bench.py --gpu's code path on a tiny model, on whatever device there is."""
     import bench
     out = tmp_path / "gpu.json"
     res = bench.main(["--gpu", "--gpu-size", "tiny", "--gpu-micro", "4", "--gpu-repeats", "1", "--threads", "1",

@@ -133,7 +133,7 @@ PRESETS = {
         "distill": dict(steps=150, batch_size=16, lr=1e-4),
     },
     # The miniature reproduction (README "The miniature"): the settings under which the demo specialist
-    # learned most in the third session's search: 10x the demos, with hold steps and DART noise, the VLM
+    # learned most among the settings tried: 10x the demos, with hold steps and DART noise, the VLM
     # trained with the head from step 0, 4,000 cosine steps; co-training at lr 1e-3 with half the batch
     # multimodal, the first setting in which the random tiny VLM learned any QA. Distillation uses the
     # generalist's settings, so DualVLA differs from it only by pruning and the teachers.
