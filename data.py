@@ -608,6 +608,9 @@ def _lerobot_episode(meta, row, cameras, cache, load_images):
     actions = [_vector(a, f"{where} row {i}", dims, "action") for i, a in enumerate(col["action"])]
     states = np.stack([_vector(s, f"{where} row {i}", dims, "observation.state")
                        for i, s in enumerate(col["observation.state"])])
+    if info.get("robot_type") == "google_robot" and min(a[-1] for a in actions) < 0:
+        raise DataError(f"{where} field 'action': a gripper value below 0 is RT-1's relative gripper_closedness_action "
+                        "(+1 close, -1 open); expected the absolute form OXE's rt1 transform stores (1 open, 0 closed)")
     states = lerobot_state(states, _feature_names(features.get("observation.state")), info.get("robot_type", ""))
     if not load_images:  # references, decoded when a batch needs them (open_image)
         rows = table["__row"].to_pylist()

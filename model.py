@@ -214,9 +214,26 @@ class DualVLA(nn.Module):
 
     # ---- inputs
 
-    def set_action_stats(self, action_stats, state_stats=None):
-        """q01/q99 statistics (data.action_stats) used to normalise actions/states; saved with the model."""
-        self.norm_stats = {"action": action_stats, "state": state_stats}
+    def set_action_stats(self, action_stats, state_stats=None, robot="unknown"):
+        """One robot's q01/q99 statistics (data.action_stats) of actions and states; saved with the model.
+
+        Kept per robot, as OpenVLA and InstructVLA keep theirs per dataset (bridge_dataset, fractal20220817_data):
+        each frame is normalised with its robot's, and actions are un-normalised with the robot acted for."""
+        self.norm_stats[robot] = {"action": action_stats, "state": state_stats}
+
+    def robot_stats(self, robot=None):
+        """(action, state) statistics for `robot`: its own, else those of the robot whose name starts its
+        name (SimplerEnv's google_robot_static -> google_robot, the policy setup widowx_bridge -> widowx), else
+        the only set (a one-robot checkpoint); (None, None) for a model without statistics."""
+        if not self.norm_stats:
+            return None, None
+        names = [robot] if robot in self.norm_stats else [k for k in self.norm_stats if str(robot).startswith(k)]
+        names = names or (list(self.norm_stats) if len(self.norm_stats) == 1 else [])
+        if not names:
+            raise UserError(f"the checkpoint has statistics for {', '.join(self.norm_stats)}, not for robot "
+                            f"{robot!r}: name one of them (evaluate.py --robot)")
+        stats = self.norm_stats[max(names, key=len)]
+        return stats["action"], stats["state"]
 
     def _images(self, record):
         imgs = record["image"] if isinstance(record["image"], (list, tuple)) else [record["image"]]
@@ -244,7 +261,8 @@ class DualVLA(nn.Module):
         s = np.zeros(self.config.state_dim, np.float32) if s is None else np.asarray(s, np.float32)
         if s.shape != (self.config.state_dim,):
             raise UserError(f"state has shape {s.shape}, model expects ({self.config.state_dim},)")
-        return normalize_action(s, self.norm_stats["state"]) if self.norm_stats.get("state") else s
+        stats = self.robot_stats(record.get("robot"))[1]
+        return normalize_action(s, stats) if stats else s
 
     def _bins(self, actions):
         """Normalised actions in [-1, 1] -> bin indices (OpenVLA's uniform discretisation)."""
@@ -287,8 +305,9 @@ class DualVLA(nn.Module):
                 if a.shape != (cfg.chunk, cfg.action_dim):
                     raise UserError(f"episode {rec.get('episode')} step {rec.get('step')}: action chunk has "
                                     f"shape {a.shape}, model expects ({cfg.chunk}, {cfg.action_dim})")
-                if self.norm_stats.get("action"):
-                    a = normalize_action(a, self.norm_stats["action"])
+                stats = self.robot_stats(rec.get("robot"))[0]
+                if stats:
+                    a = normalize_action(a, stats)
                 actions.append(a), amasks.append(m), states.append(self._state(rec)), robot_images.append(imgs)
                 targets.append(subtask_target(rec.get("reasoning"), *imgs[0].size))  # None: no ECoT boxes
                 if cfg.action_head == "flow":
@@ -431,10 +450,11 @@ class DualVLA(nn.Module):
         return [self.tokenizer.decode(seq[seq != self.ids[PAD]], skip_special_tokens=True).strip() for seq in new]
 
     @torch.no_grad()
-    def predict_action(self, image, instruction, state=None, reason=True):
-        """Reason (KV-cached greedy decoding until <|act|>), then act. Returns actions in robot units."""
+    def predict_action(self, image, instruction, state=None, reason=True, robot=None):
+        """Reason (KV-cached greedy decoding until <|act|>), then act. Returns actions in the units of
+        `robot` (robot_stats: whose statistics un-normalise them)."""
         cfg, dev = self.config, self.queries.device
-        rec = dict(image=image, instruction=instruction, state=state, domain="robot")
+        rec = dict(image=image, instruction=instruction, state=state, domain="robot", robot=robot)
         imgs = self._images(rec)
         pixels = self._pixels(imgs)  # once per control step: generation and the action share it
         prompt = self._robot_prompt(rec)
@@ -462,8 +482,9 @@ class DualVLA(nn.Module):
             ctx = self.head.context(qs, self._head_pixels(imgs)[None].to(dev), state_t)
             actions = self.sample_actions(ctx).cpu().numpy()[0]
         actions = np.clip(actions, -1, 1)  # the training targets live in [-1, 1]
-        if self.norm_stats.get("action"):
-            actions = unnormalize_action(actions, self.norm_stats["action"])
+        stats = self.robot_stats(robot)[0]
+        if stats:
+            actions = unnormalize_action(actions, stats)
         return dict(actions=np.asarray(actions, np.float32), reasoning=reasoning, n_tokens=n_tokens)
 
     def sample_actions(self, ctx):
@@ -504,6 +525,8 @@ class DualVLA(nn.Module):
         with open(os.path.join(path, "config.json")) as f:
             saved = json.load(f)
         norm_stats = saved.pop("norm_stats", {})
+        if norm_stats and set(norm_stats) <= {"action", "state"}:  # saved before statistics were kept per robot
+            norm_stats = {"unknown": {"action": norm_stats.get("action"), "state": norm_stats.get("state")}}
         known = {f.name for f in fields(VLAConfig)}
         cfg = VLAConfig(**{k: v for k, v in saved.items() if k in known})
         bb_cfg = AutoConfig.from_pretrained(os.path.join(path, "backbone_config.json"))

@@ -204,6 +204,43 @@ def test_save_load_round_trip_is_exact(tiny_path, tmp_path, head):
     assert np.array_equal(pa["actions"], pb["actions"])
 
 
+def test_statistics_are_kept_per_robot(tiny_path, tmp_path):
+    # Bridge-like and Fractal-like ranges: translations within ±2 cm and ±20 cm, states likewise apart
+    rng = np.random.default_rng(0)
+    recs = []
+    for robot, scale in (("widowx", 0.02), ("google_robot", 0.2)):
+        for k, r in enumerate(robot_records(30, seed=len(recs))):
+            recs.append(dict(r, robot=robot, episode=robot, step=k, action=np.r_[rng.uniform(-scale, scale, 6), k % 2],
+                             state=np.r_[rng.uniform(-scale, scale, 6), 1.0].astype(np.float32)))
+    model = train.new_model(train.TrainConfig(image_size=56, head_image_size=32, chunk=2), tiny_path, recs, ("image",))
+    assert list(model.norm_stats) == ["widowx", "google_robot"]
+    w_act, w_state = model.robot_stats("widowx")
+    g_act, g_state = model.robot_stats("google_robot")
+    assert 0.015 < w_act["q99"][0] < 0.02 < 0.15 < g_act["q99"][0] < 0.2 and w_state["q99"][0] < 0.02
+    # each frame is normalised with its own robot's statistics
+    batch = model.make_batch([recs[0], recs[30]])
+    for row, r, (act, state) in ((0, recs[0], (w_act, w_state)), (1, recs[30], (g_act, g_state))):
+        np.testing.assert_allclose(batch["actions"][row, 0], data.normalize_action(r["action"], act), atol=1e-6)
+        np.testing.assert_allclose(batch["states"][row], data.normalize_action(r["state"], state), atol=1e-6)
+    # and un-normalised with the robot acted for (SimplerEnv's names and policy setups find theirs)
+    model.eval().sample_actions = lambda ctx: torch.full((1, 2, 7), 0.5)
+    for robot, act in (("widowx", w_act), ("widowx_bridge", w_act), ("google_robot_static", g_act)):
+        out = model.predict_action(recs[0]["image"], "pick", reason=False, robot=robot)["actions"]
+        np.testing.assert_allclose(out, np.stack([data.unnormalize_action(np.full(7, 0.5), act)] * 2), atol=1e-6)
+    with pytest.raises(UserError, match=r"statistics for widowx, google_robot, not for robot 'franka'.*--robot"):
+        model.predict_action(recs[0]["image"], "pick", reason=False, robot="franka")
+    pol = Policy(model, "google_robot", env="simplerenv")
+    assert pol.use_state and pol.robot == "google_robot"
+    # saved per robot; a checkpoint saved with one set for all frames still loads, for every robot
+    ckpt = model.save_pretrained(str(tmp_path / "ckpt"))
+    assert DualVLA.from_pretrained(ckpt).norm_stats == model.norm_stats
+    cfg = saved_config(ckpt)
+    cfg["norm_stats"] = {"action": w_act, "state": None}
+    Path(ckpt, "config.json").write_text(json.dumps(cfg))
+    old = DualVLA.from_pretrained(ckpt)
+    assert old.robot_stats("google_robot") == (w_act, None) and not Policy(old, "google_robot").use_state
+
+
 @pytest.mark.parametrize("head", ["flow", "tokens"])
 def test_predict_action_finite(tiny_path, head):
     m = tiny_model(tiny_path, head, max_reasoning_tokens=8).eval()
@@ -996,6 +1033,33 @@ def test_lerobot_fractal_state_and_errors(tmp_path):
         data.read_lerobot(tmp_path)
 
 
+def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
+    """The LeRobot Fractal conversion stores OXE's rt1 transform of the action: RT-1's relative
+    gripper_closedness_action made absolute (1 open, 0 closed), the convention of the Bridge rows, which the
+    Google robot's converter turns back into SimplerEnv's relative command. A relative row is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path / "fractal"
+    write_lerobot(root, "v2.1", False)
+    info = json.load(open(root / "meta/info.json"))
+    info["robot_type"] = "google_robot"
+    info["features"]["observation.state"]["names"] = {"motors": FRACTAL_STATE_NAMES}
+    json.dump(info, open(root / "meta/info.json", "w"))
+    path = root / "data/chunk-000/episode_000000.parquet"
+    table = pq.read_table(path)
+    recorded = [[0.01, -0.02, 0.0, 0.0, 0.0, 0.05, g] for g in (1.0, 1.0, 0.0, 0.0, 1.0)]  # open, close, reopen
+    column = table.column_names.index("action")
+    pq.write_table(table.set_column(column, "action", pa.array(recorded, pa.list_(pa.float32()))), path)
+    steps = data.read_lerobot(root, episodes=[0])[0]["steps"]
+    assert [float(s["action"][6]) for s in steps] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    conv = ActionConverter("google_robot", sticky_repeat=1)
+    assert [conv.gripper(s["action"][6])[0] for s in steps] == [0.0, 0.0, 1.0, 0.0, -1.0]  # +1 close, -1 open
+    relative = [r[:6] + [g] for r, g in zip(recorded, (0.0, 1.0, 0.0, -1.0, 0.0))]
+    pq.write_table(table.set_column(column, "action", pa.array(relative, pa.list_(pa.float32()))), path)
+    with pytest.raises(DataError, match="episode 0 field 'action': a gripper value below 0 is RT-1's relative"):
+        data.read_lerobot(root, episodes=[0])
+
+
 def test_lerobot_video_missing_frame(tmp_path):
     root = tmp_path / "ds"
     write_lerobot(root, "v3.0", True)
@@ -1651,13 +1715,17 @@ def test_ensemble_action_weights_overlapping_chunks():
 class FakeModel:
     """predict_action's contract: chunk (4, 7) whose row j of call c is 10c + j; reasons on call 0 only."""
 
-    def __init__(self, action_dim=7, chunk=4, cameras=("image",)):
+    def __init__(self, action_dim=7, chunk=4, cameras=("image",), state_stats=None):
         self.config = SimpleNamespace(action_dim=action_dim, chunk=chunk, cameras=cameras)
-        self.calls = []
+        self.calls, self.robots, self.state_stats = [], [], state_stats
 
-    def predict_action(self, image, instruction, state=None, reason=True):
+    def robot_stats(self, robot=None):
+        return None, self.state_stats
+
+    def predict_action(self, image, instruction, state=None, reason=True, robot=None):
         c = len(self.calls)
         self.calls.append((image.size, instruction, state, reason))
+        self.robots.append(robot)
         acts = np.repeat((10.0 * c + np.arange(self.config.chunk))[:, None], 7, 1).astype(np.float32)
         acts[:, 3:6] = 0
         return dict(actions=acts, reasoning="PLAN: grasp" if c == 0 else "", n_tokens=5 if c == 0 else 1)
@@ -1702,6 +1770,68 @@ def test_policy_rejects_bad_checkpoints():
         Policy(FakeModel(), "franka")
     with pytest.raises(UserError, match="not a checkpoint"):
         Policy("/nonexistent/ckpt")
+
+
+def simpler_obs(eef_pos, camera="3rd_view_camera"):
+    """A SimplerEnv (ManiSkill2-real2sim) observation: images under obs["image"], the robot under obs["agent"],
+    eef_pos = x, y, z, quaternion w-x-y-z, gripper openness."""
+    return {"image": {camera: {"rgb": np.zeros((8, 8, 3), np.uint8)}},
+            "agent": {"qpos": np.zeros(8, np.float32), "eef_pos": np.asarray(eef_pos, np.float32)}}
+
+
+FRACTAL_STATE_NAMES = ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]
+
+
+def test_simpler_state_is_the_lerobot_state_of_the_same_pose():
+    # WidowX pointing down, turned 0.5 rad about z: in Bridge's top-down frame roll = pitch = 0, yaw = 0.5.
+    # SimplerEnv's tool rotation is Bridge's times BRIDGE_TOOL_ROT (a quarter turn about y: w = y = √½).
+    q_tool = quat_mul([np.cos(0.25), 0, 0, np.sin(0.25)], [np.sqrt(0.5), 0, np.sqrt(0.5), 0])
+    expected = [0.3, -0.05, 0.12, 0.0, 0.0, 0.5, 0.9]
+    np.testing.assert_allclose(evaluate.simpler_state(simpler_obs(np.r_[0.3, -0.05, 0.12, q_tool, 0.9]), "widowx"),
+                               expected, atol=1e-6)
+    bridge_row = [[0.3, -0.05, 0.12, 0.0, 0.0, 0.5, 0.0, 0.9]]  # x y z roll pitch yaw pad gripper (openness)
+    np.testing.assert_allclose(data.lerobot_state(bridge_row, STATE_NAMES, "widowx")[0], expected, atol=1e-6)
+    # Google robot: roll 0.1, pitch -0.2, yaw 0.4, gripper 80 % open; Fractal stores the quaternion x-y-z-w and
+    # RT-1's closedness (0.2)
+    q = euler_to_quat(0.1, -0.2, 0.4)
+    expected = [0.6, 0.1, 0.9, 0.1, -0.2, 0.4, 0.8]
+    obs = simpler_obs(np.r_[0.6, 0.1, 0.9, q, 0.8], "overhead_camera")
+    np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot_static"), expected, atol=1e-6)
+    np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot"), expected, atol=1e-6)
+    fractal_row = [np.r_[0.6, 0.1, 0.9, q[1:], q[0], 0.2]]
+    np.testing.assert_allclose(data.lerobot_state(fractal_row, FRACTAL_STATE_NAMES, "google_robot")[0], expected,
+                               atol=1e-6)
+    with pytest.raises(UserError, match="no SimplerEnv state layout for robot 'franka'"):
+        evaluate.simpler_state(obs, "franka")
+    # the Euler convention is transforms3d's sxyz (R = Rz Ry Rx), gimbal lock included
+    for r, p_, y in np.random.default_rng(0).uniform(-1.5, 1.5, (50, 3)):
+        np.testing.assert_allclose(evaluate.matrix_to_euler(_rot_z(y) @ _rot_y(p_) @ _rot_x(r)), [r, p_, y], atol=1e-9)
+    np.testing.assert_allclose(evaluate.matrix_to_euler(_rot_z(0.3) @ _rot_y(np.pi / 2)), [-0.3, np.pi / 2, 0], atol=1e-9)
+
+
+def test_run_episode_feeds_the_simplerenv_state_when_the_checkpoint_trained_with_state():
+    class Env:  # SimplerEnv's interface; the arm moves 1 cm along x per step
+        t = 0
+
+        def obs(self):
+            return simpler_obs([0.3 + 0.01 * self.t, 0.0, 0.1, np.sqrt(0.5), 0, np.sqrt(0.5), 0, 1.0])
+
+        def get_language_instruction(self):
+            return "put the spoon on the towel"
+
+        def step(self, action):
+            self.t += 1
+            return self.obs(), 0.0, False, self.t >= 2, {}
+    for state_stats in ({"q01": [0] * 7}, None):
+        model, env = FakeModel(state_stats=state_stats), Env()
+        pol = Policy(model, "widowx_bridge", exec_horizon=1)
+        run_episode(pol, env, env.obs(), ["3rd_view_camera"], robot="widowx")
+        states = [c[2] for c in model.calls]
+        if state_stats is None:  # trained without state: none is given
+            assert states == [None, None]
+        else:
+            np.testing.assert_allclose(states, [[0.3, 0, 0.1, 0, 0, 0, 1], [0.31, 0, 0.1, 0, 0, 0, 1]], atol=1e-6)
+        assert model.robots == ["widowx_bridge"] * 2  # whose statistics un-normalise: the task's robot
 
 
 def test_simpler_table_reproduces_paper_average():
@@ -2943,7 +3073,7 @@ def test_two_camera_bimanual_chain_runs_every_stage(tmp_path, capsys):
         cfg = saved_config(os.path.join(out, stage, "model"))
         assert tuple(cfg["cameras"]) == CAMS and cfg["action_dim"] == cfg["state_dim"] == 14, stage
         for kind in ("action", "state"):  # both arms' grippers (dims 6 and 13) stay unnormalised
-            stats = cfg["norm_stats"][kind]
+            stats = cfg["norm_stats"]["tabletop"][kind]
             assert [d for d, m in enumerate(stats["mask"]) if not m] == [6, 13], (stage, kind)
             assert stats["q01"][13] == -1.0 and stats["q99"][13] == 1.0
         with open(os.path.join(out, stage, "summary.json")) as f:

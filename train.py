@@ -363,7 +363,7 @@ def gripper_dims(width):
 
 def new_model(cfg, backbone, robot, cameras, parts=()):
     """The specialist's starting point: backbone + fresh queries and head, sized to the data (cameras, action
-    and state widths), with per-dimension action/state statistics of `robot`. `parts`: an already built
+    and state widths), with per-dimension action/state statistics of `robot`, per robot. `parts`: an already built
     (backbone model, tokenizer, image processor) to use instead of loading `backbone` (bench.py's)."""
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
     actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
@@ -371,8 +371,10 @@ def new_model(cfg, backbone, robot, cameras, parts=()):
                               n_queries=cfg.n_queries, flow_target=cfg.flow_target, image_size=cfg.image_size,
                               head_image_size=cfg.head_image_size, cameras=cameras,
                               action_dim=actions.shape[1], state_dim=states.shape[1]), *parts)
-    model.set_action_stats(data.action_stats(actions, gripper_dims(actions.shape[1])),
-                           data.action_stats(states, gripper_dims(states.shape[1])))
+    names = np.array([r.get("robot", "unknown") for r in robot])
+    for name in dict.fromkeys(names):  # one set per robot (Bridge's and Fractal's ranges differ), first-seen order
+        model.set_action_stats(data.action_stats(actions[names == name], gripper_dims(actions.shape[1])),
+                               data.action_stats(states[names == name], gripper_dims(states.shape[1])), robot=name)
     return model
 
 
