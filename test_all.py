@@ -241,6 +241,41 @@ def test_statistics_are_kept_per_robot(tiny_path, tmp_path):
     assert old.robot_stats("google_robot") == (w_act, None) and not Policy(old, "google_robot").use_state
 
 
+def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path):
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    lo, hi = 56 * 56, 224 * 224
+    m = tiny_model(tiny_path, min_pixels=lo, max_pixels=hi)
+    pad = m.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    reference = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)
+    sizes = [(64, 64), (300, 100), (100, 300), (1000, 700), (31, 500), (224, 224), (17, 17), (2000, 60)]
+    images = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for k, (w, h) in enumerate(sizes)]
+    recs = [dict(mm_record(), image=im) for im in images] + robot_records(1)
+    batch = m.make_batch(recs)
+    counts = (batch["input_ids"] == pad).sum(1).tolist()
+    for (w, h), im, n in zip(sizes, images, counts):
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+        assert n == rh * rw // 28 ** 2, (w, h)
+        assert n == int(reference(images=[im])["image_grid_thw"].prod()) // 4, (w, h)
+    assert counts[-1] == 4  # the robot frame keeps its fixed 56 px, 2 × 2 tokens
+    assert torch.isfinite(m(batch)["loss"])  # the vision tower's features fill exactly these tokens
+    answers = m.generate_answers([[images[1], images[4]], [images[6]]], ["Which is taller?", "What colour?"],
+                                 max_new_tokens=2)
+    assert len(answers) == 2
+    assert tiny_model(tiny_path).pixel_bounds == (28 * 28, 448 * 448)  # default: the backbone's processor's own
+    # Qwen3-VL's grid: patch 16 × merge 2 = 32 px per token
+    q3 = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=lo, max_pixels=hi)
+    m3 = DualVLA(VLAConfig(backbone=tiny_path, image_size=224), m.backbone, m.tokenizer, q3)
+    counts = (m3.make_batch(recs)["input_ids"] == pad).sum(1).tolist()
+    for (w, h), n in zip(sizes, counts):
+        rh, rw = smart_resize(h, w, factor=32, min_pixels=lo, max_pixels=hi)
+        assert n == rh * rw // 32 ** 2, (w, h)
+    assert counts[-1] == (224 // 32) ** 2
+    with pytest.raises(UserError, match="image_size must be a multiple of 32"):
+        DualVLA(VLAConfig(backbone=tiny_path, image_size=56), m.backbone, m.tokenizer, q3)
+
+
 @pytest.mark.parametrize("head", ["flow", "tokens"])
 def test_predict_action_finite(tiny_path, head):
     m = tiny_model(tiny_path, head, max_reasoning_tokens=8).eval()
