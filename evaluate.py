@@ -56,7 +56,8 @@ class SimConfig:
     ckpt: str = ""                   # DualVLA checkpoint folder (save_pretrained)
     tasks: tuple = ()                # tabletop.ALL_TASKS or SIMPLER_COLUMNS keys; () = all (tabletop: policy's width)
     cameras: tuple = ()              # tabletop cameras, one image each per step; () = the checkpoint's own
-    episodes: int = 24               # tabletop: seeds per task (WidowX's 24); simplerenv: 0 = SimplerEnv's full grid
+    episodes: int = None             # tabletop: seeds per task (None: WidowX's 24); simplerenv: at most this many
+                                     # per column (None or 0: SimplerEnv's full grid, the paper's protocol)
     seed: int = 0                    # first tabletop seed
     max_steps: int = 0               # 0 = the env's own limit (SimplerEnv: 80 / 113 / 60 steps per task)
     exec_horizon: int = 1            # execute the first k actions of each predicted chunk
@@ -451,7 +452,7 @@ def episode_specs(cfg):
         raise UserError(f"unknown task(s) {', '.join(unknown)} for --env {cfg.env}; valid: {', '.join(valid)}")
     if cfg.env == "tabletop":
         return [dict(task=t, group=t, variant=t, seed=cfg.seed + i, robot="tabletop")
-                for t in tasks for i in range(cfg.episodes)]
+                for t in tasks for i in range(24 if cfg.episodes is None else cfg.episodes)]
     specs = []
     for t in tasks:
         grid = simpler_grid(t)
@@ -656,7 +657,8 @@ def add_sim_args(p):
                    help=f"tabletop: comma-separated cameras ({', '.join(tabletop.CAMERAS)}), one per camera of the "
                         "checkpoint, in its order (default: the checkpoint's own names)")
     p.add_argument("--episodes", type=int, default=d.episodes,
-                   help="tabletop: seeds per task; simplerenv: at most this many per column (0 = full grid)")
+                   help="tabletop: seeds per task (default 24); simplerenv: at most this many per column "
+                        "(default: SimplerEnv's full grid)")
     p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="cap on steps per episode (0 = the env's)")
     p.add_argument("--exec-horizon", type=int, default=d.exec_horizon, help="actions executed per predicted chunk")

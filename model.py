@@ -391,7 +391,7 @@ class DualVLA(nn.Module):
         out = self.backbone.model(input_ids=batch["input_ids"], inputs_embeds=embeds,
                                   attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                                   image_grid_thw=batch["image_grid_thw"],
-                                  mm_token_type_ids=batch["mm_token_type_ids"])
+                                  mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False)  # one pass: no KV cache
         return out.last_hidden_state
 
     def to_device(self, batch):

@@ -276,6 +276,15 @@ def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path
         DualVLA(VLAConfig(backbone=tiny_path, image_size=56), m.backbone, m.tokenizer, q3)
 
 
+def test_training_forward_builds_no_kv_cache(tiny_path):
+    m = tiny_model(tiny_path)
+    caches = []
+    m.backbone.model.register_forward_hook(lambda mod, args, kwargs, out: caches.append(out.past_key_values),
+                                           with_kwargs=True)
+    m(m.make_batch(robot_records(2) + [mm_record()]))
+    assert caches == [None]
+
+
 @pytest.mark.parametrize("head", ["flow", "tokens"])
 def test_predict_action_finite(tiny_path, head):
     m = tiny_model(tiny_path, head, max_reasoning_tokens=8).eval()
@@ -1929,6 +1938,10 @@ def test_simpler_grids_match_simplerenv_scripts():
     assert carrot[0]["overlay"] == "bridge_real_eval_1.png" and carrot[0]["max_episode_steps"] == 60
     smoke = episode_specs(SimConfig(env="simplerenv", tasks=("google_robot_drawer_va",), episodes=10))
     assert len(smoke) == 10 and len({e["variant"] for e in smoke}) > 3  # spread over the grid
+    # by default SimplerEnv runs its full grid (the paper's protocol), tabletop 24 seeds per task
+    full = episode_specs(SimConfig(env="simplerenv", tasks=("widowx_spoon_on_towel", "google_robot_pick_coke_can_vm")))
+    assert len(full) == 24 + 3 * 4 * 25
+    assert len(episode_specs(SimConfig(env="tabletop", tasks=(tabletop.TASKS[0],)))) == 24
 
 
 def test_unknown_task_lists_valid_names():
