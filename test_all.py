@@ -1203,6 +1203,26 @@ def test_vla_it(tmp_path):
 
 # ---------------------------------------------------------------------------------- bad input + CLI
 
+def test_paper_reasoning_is_vla_it_for_both_robots_with_ecot_as_an_option(tmp_path):
+    bridge, fractal = "/nfs/bridge/put_spoon/train/out.npy", "gs://fractal/train.tfrecord-00001"
+    json.dump({bridge: {"3": {"features": {"move_primitive": ["move left", None, "close gripper", "stop"]}}}},
+              open(tmp_path / "bridge_instruction.json", "w"))
+    json.dump({fractal: {"7": {"features": {"move_primitive": ["move up", "stop"]},
+                               "alt_instruction": {"QA": [{"question": "Where is the can?", "answer": "Left."}]}}}},
+              open(tmp_path / "fractal_instruction.json", "w"))
+    ecot_json(tmp_path / "embodied_features_bridge.json")  # annotates Bridge episode 3 (steps 0 and 2), not 4
+    vla_it = [tmp_path / "bridge_instruction.json", tmp_path / "fractal_instruction.json"]
+    reasoning, conv = data.paper_reasoning(vla_it)
+    assert reasoning[(bridge, "3")] == {0: {"MOVE": "move left"}, 2: {"MOVE": "close gripper"}, 3: {"MOVE": "stop"}}
+    assert reasoning[(fractal, "7")] == {0: {"MOVE": "move up"}, 1: {"MOVE": "stop"}}
+    assert conv[(fractal, "7")] == [("Where is the can?", "Left.")]
+    with_ecot, _ = data.paper_reasoning(vla_it, tmp_path / "embodied_features_bridge.json")
+    assert sorted(with_ecot[(bridge, "3")]) == [0, 2] and with_ecot[(bridge, "3")][2]["SUBTASK"] == "grasp the spoon"
+    assert with_ecot[(fractal, "7")] == reasoning[(fractal, "7")] and (bridge, "4") not in with_ecot
+    with pytest.raises(DataError, match="fractal_instruction.json: episode .* earlier VLA-IT file"):
+        data.paper_reasoning(vla_it + [vla_it[1]])
+
+
 def test_episode_folder_bad_input(tmp_path):
     data.write_episodes(make_episodes(), tmp_path)
     jsonl = tmp_path / "episodes.jsonl"
