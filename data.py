@@ -17,6 +17,7 @@ reasoning r_t; multimodal samples are (o, i, r, ∅). Readers, all returning the
     LeRobot v2.x/3.0 meta/info.json, meta/tasks.*, meta/episodes*, data/*.parquet, videos/*.mp4 (read_/iter_lerobot)
     ECoT             embodied_features_bridge.json, joined by file path + episode id + step (read_ecot)
     VLA-IT           InstructVLA's bridge_instruction.json / fractal_instruction.json          (read_vla_it)
+    the paper's mix  VLA-IT for both robots, ECoT's Bridge reasoning as an option        (paper_reasoning)
 
 Bad input raises DataError naming the file, line/row/episode and field. `python data.py inspect PATH`
 prints what a path holds before a long job.
@@ -608,6 +609,9 @@ def _lerobot_episode(meta, row, cameras, cache, load_images):
     actions = [_vector(a, f"{where} row {i}", dims, "action") for i, a in enumerate(col["action"])]
     states = np.stack([_vector(s, f"{where} row {i}", dims, "observation.state")
                        for i, s in enumerate(col["observation.state"])])
+    if info.get("robot_type") == "google_robot" and min(a[-1] for a in actions) < 0:
+        raise DataError(f"{where} field 'action': a gripper value below 0 is RT-1's relative gripper_closedness_action "
+                        "(+1 close, -1 open); expected the absolute form OXE's rt1 transform stores (1 open, 0 closed)")
     states = lerobot_state(states, _feature_names(features.get("observation.state")), info.get("robot_type", ""))
     if not load_images:  # references, decoded when a batch needs them (open_image)
         rows = table["__row"].to_pylist()
@@ -805,6 +809,24 @@ def vla_it_records(episodes, conversations, key_fn):
                  domain="mm", id=f"{ep['id']}_{i}")
             for ep in episodes
             for i, (q, a) in enumerate(conversations.get(tuple(map(str, key_fn(ep))), []))]
+
+
+def paper_reasoning(vla_it_paths, ecot_path=None):
+    """The reasoning the paper prunes (Sec. 3.2.1): InstructVLA's VLA-IT annotations of both robots
+    (bridge_instruction.json, fractal_instruction.json: the base model's 650 K), for attach_reasoning and
+    vla_it_records. Option: ECoT's Bridge reasoning (embodied_features_bridge.json) instead of VLA-IT's on the
+    episodes ECoT annotates. Returns (reasoning, conversations), both keyed by (file_path, episode_id)."""
+    reasoning, conversations = {}, {}
+    for path in vla_it_paths:
+        r, c = read_vla_it(path)
+        clash = set(r) & set(reasoning)
+        if clash:
+            raise DataError(f"{path}: episode {sorted(clash)[0]} is annotated in an earlier VLA-IT file too")
+        reasoning.update(r)
+        conversations.update(c)
+    if ecot_path:
+        reasoning.update((key, steps) for key, steps in read_ecot(ecot_path).items() if steps)
+    return reasoning, conversations
 
 
 # ------------------------------------------------------------------------------------------ inspect

@@ -12,6 +12,7 @@ at the bottom dispatches and turns bad input into one line, exit 2.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 import tabletop
 from benchmarks import add_mm_args, main_mm
-from data import DataError, atomic_write
+from data import DataError, atomic_write, lerobot_state
 from model import DualVLA, UserError
 from report import loss_curves_png, miniature_tables
 from vla_score import add_judge_args, add_score_args, main_score, make_judge
@@ -42,14 +43,16 @@ class SimConfig:
     ckpt: str = ""                   # DualVLA checkpoint folder (save_pretrained)
     tasks: tuple = ()                # tabletop.ALL_TASKS or SIMPLER_COLUMNS keys; () = all (tabletop: policy's width)
     cameras: tuple = ()              # tabletop cameras, one image each per step; () = the checkpoint's own
-    episodes: int = 24               # tabletop: seeds per task (WidowX's 24); simplerenv: 0 = SimplerEnv's full grid
+    episodes: int = None             # tabletop: seeds per task (None: WidowX's 24); simplerenv: at most this many
+                                     # per column (None or 0: SimplerEnv's full grid, the paper's protocol)
     seed: int = 0                    # first tabletop seed
     max_steps: int = 0               # 0 = the env's own limit (SimplerEnv: 80 / 113 / 60 steps per task)
     exec_horizon: int = 1            # execute the first k actions of each predicted chunk
     ensemble: bool = False           # instead: predict every step and average overlapping chunks (ACT)
     ensemble_temp: float = 0.0       # ACT's m: w_i = exp(-m i), i = 0 the oldest; 0 = plain mean (as Octo)
     reason: bool = True              # let the model generate reasoning before acting
-    state: bool = False              # give the model the env's state (tabletop); SimplerEnv is image-only
+    state: bool = None               # give the model the robot state (observed_state); None = if it trained with state
+    robot: str = ""                  # whose statistics (un)normalise; "" = the robot the task names
     sticky_repeat: int = 15          # Google Robot gripper: hold a commanded change for this many steps
     action_scale: float = 1.0
     frames: int = 16                 # frames kept per rollout for VLA Score
@@ -76,6 +79,56 @@ def quat_mul(a, b):
     w2, x2, y2, z2 = b
     return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
                      w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
+
+
+def quat_to_matrix(q):
+    """Unit quaternion (w, x, y, z) -> 3×3 rotation matrix (transforms3d's quat2mat)."""
+    w, x, y, z = q
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def matrix_to_euler(R):
+    """3×3 rotation -> static-axes xyz Euler angles (transforms3d's mat2euler 'sxyz'), R = Rz·Ry·Rx; at
+    gimbal lock (|pitch| = π/2) yaw is 0, as there."""
+    cy = math.hypot(R[0, 0], R[1, 0])
+    if cy > 4 * np.finfo(float).eps:
+        return np.array([math.atan2(R[2, 1], R[2, 2]), math.atan2(-R[2, 0], cy), math.atan2(R[1, 0], R[0, 0])])
+    return np.array([math.atan2(-R[1, 2], R[1, 1]), math.atan2(-R[2, 0], cy), 0.0])
+
+
+# SimplerEnv's WidowX tool frame -> Bridge's top-down end-effector frame (InstructVLA's wrapper's default_rot)
+BRIDGE_TOOL_ROT = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+LEROBOT_STATE_NAMES = {"widowx": ["x", "y", "z", "roll", "pitch", "yaw", "pad", "gripper"],
+                       "google_robot": ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]}
+
+
+def simpler_state(obs, robot):
+    """The training state of a SimplerEnv observation: what data.lerobot_state gives for the LeRobot row
+    (Bridge / Fractal conversion) of the same pose, so the model sees at test the state it trained on.
+
+    obs["agent"]["eef_pos"] is (x, y, z, quaternion w-x-y-z, gripper openness 1 = open) in the robot's base
+    frame. The row is built as InstructVLA's SimplerEnv wrapper builds its proprio: WidowX — the rotation
+    re-expressed in Bridge's top-down frame (R · BRIDGE_TOOL_ROTᵀ, then Euler), a zero pad, the openness;
+    Google robot — the quaternion reordered x-y-z-w and RT-1's gripper closedness 1 − openness. `robot`:
+    SimplerEnv's robot name ("widowx", "google_robot_static", ...) or policy setup ("widowx_bridge", ...).
+    """
+    p = np.asarray(obs["agent"]["eef_pos"], np.float64)
+    if robot.startswith("widowx"):
+        kind, row = "widowx", np.r_[p[:3], matrix_to_euler(quat_to_matrix(p[3:7]) @ BRIDGE_TOOL_ROT.T), 0.0, p[7]]
+    elif robot.startswith("google_robot"):
+        kind, row = "google_robot", np.r_[p[:3], np.roll(p[3:7], -1), 1.0 - p[7]]
+    else:
+        raise UserError(f"no SimplerEnv state layout for robot {robot!r} (widowx or google_robot)")
+    return lerobot_state(row[None], LEROBOT_STATE_NAMES[kind], kind)[0]
+
+
+def observed_state(obs, robot):
+    """The robot state an observation offers: tabletop's obs["state"], SimplerEnv's (simpler_state), or None."""
+    if "state" in obs:
+        return obs["state"]
+    return simpler_state(obs, robot) if "eef_pos" in obs.get("agent", {}) else None
 
 
 def euler_to_axangle(roll, pitch, yaw):
@@ -163,14 +216,17 @@ class Policy:
 
     Each model call returns a chunk of actions and possibly reasoning; the pruned model reasons on
     keyframes only, so reasoning and generated tokens are recorded per call, not assumed per step.
-    SimplerEnv's protocol is image-only, so the model gets state=None unless `use_state` is set and the
-    env offers one (tabletop's obs["state"]; InstructVLA also has a state-conditioned SimplerEnv variant).
+    The model gets the robot state the episode loop passes (observed_state) when `use_state` is set, by
+    default when the checkpoint was trained with state (it holds state statistics), as InstructVLA's
+    state-conditioned SimplerEnv policy does. `robot` names whose statistics normalise the state and
+    un-normalise the actions (default: the policy setup's robot, "widowx_bridge" -> widowx).
     SimplerEnv takes one camera and 7-D actions; tabletop (env="tabletop") also takes several cameras
     (step gets a list of images, in the checkpoint's camera order) and 7 dimensions per arm.
     """
 
     def __init__(self, ckpt, policy_setup="google_robot", exec_horizon=1, ensemble=False, ensemble_temp=0.0,
-                 reason=True, sticky_repeat=15, action_scale=1.0, use_state=False, device=None, env="simplerenv"):
+                 reason=True, sticky_repeat=15, action_scale=1.0, use_state=None, device=None, env="simplerenv",
+                 robot=""):
         self.model = ckpt if hasattr(ckpt, "predict_action") else load_policy_model(ckpt, device)
         cfg = self.model.config
         name = ckpt if isinstance(ckpt, str) else "the model"
@@ -184,7 +240,9 @@ class Policy:
         if not 1 <= exec_horizon <= cfg.chunk:
             raise UserError(f"--exec-horizon must be in 1..{cfg.chunk} (the checkpoint's chunk), got {exec_horizon}")
         self.exec_horizon, self.ensemble, self.ensemble_temp = exec_horizon, ensemble, ensemble_temp
-        self.reason, self.use_state = reason, use_state
+        self.robot = robot or policy_setup
+        self.reason = reason
+        self.use_state = bool(self.model.robot_stats(self.robot)[1]) if use_state is None else use_state
         self.convert = ActionConverter(policy_setup, sticky_repeat, action_scale)
         self.task_description = None
         self.reset(None)
@@ -201,8 +259,8 @@ class Policy:
         if self.ensemble or not self.queue:
             pil = lambda im: Image.fromarray(np.asarray(im, np.uint8))
             images = [pil(im) for im in image] if isinstance(image, (list, tuple)) else pil(image)
-            out = self.model.predict_action(images, self.task_description,
-                                            state=state if self.use_state else None, reason=self.reason)
+            out = self.model.predict_action(images, self.task_description, state=state if self.use_state else None,
+                                            reason=self.reason, robot=self.robot)
             reasoning, n_tokens = out["reasoning"] or None, int(out["n_tokens"])
             if self.ensemble:
                 self.history.append(out["actions"])
@@ -381,7 +439,7 @@ def episode_specs(cfg):
         raise UserError(f"unknown task(s) {', '.join(unknown)} for --env {cfg.env}; valid: {', '.join(valid)}")
     if cfg.env == "tabletop":
         return [dict(task=t, group=t, variant=t, seed=cfg.seed + i, robot="tabletop")
-                for t in tasks for i in range(cfg.episodes)]
+                for t in tasks for i in range(24 if cfg.episodes is None else cfg.episodes)]
     specs = []
     for t in tasks:
         grid = simpler_grid(t)
@@ -430,9 +488,10 @@ def open_episode(spec, cfg):
 
 # ----------------------------------------------------------------------------- the episode loop
 
-def run_episode(policy, env, obs, cameras, max_steps=0):
+def run_episode(policy, env, obs, cameras, max_steps=0, robot="tabletop"):
     """SimplerEnv's loop: step until the env truncates (or the policy terminates); success is the env's
     flag at the last step. Returns the rollout record (contract format, minus frames) and all images.
+    Each step the policy is offered the robot state of the observation (observed_state for `robot`).
 
     With several cameras the policy gets a list of images (in `cameras` order) and the rollout keeps the
     first camera's; with several arms actions are 7 values per arm, arm after arm (tabletop_bimanual).
@@ -446,7 +505,8 @@ def run_episode(policy, env, obs, cameras, max_steps=0):
     images, actions, reasoning, progress, subtask = [image[0]], [], [], [], []
     tokens, success, info = 0, False, {}
     while True:
-        raw_action, action = policy.step(image if len(image) > 1 else image[0], task, state=obs.get("state"))
+        raw_action, action = policy.step(image if len(image) > 1 else image[0], task,
+                                         state=observed_state(obs, robot))
         actions.append(per_arm(raw_action["world_vector"], raw_action["rotation_delta"],
                                raw_action["open_gripper"]).tolist())
         reasoning.append(raw_action.get("reasoning"))
@@ -518,7 +578,7 @@ def sweep(policies, specs, cfg, policy_name):
             rollout = rollout if rollout.get("policy") == policy_name else None
         if rollout is None:
             env, obs, cameras = open_episode(spec, cfg)
-            rollout, images = run_episode(policies[robot_setup(spec)], env, obs, cameras, cfg.max_steps)
+            rollout, images = run_episode(policies[robot_setup(spec)], env, obs, cameras, cfg.max_steps, spec["robot"])
             getattr(env, "close", lambda: None)()
             rollout = dict(task=spec["task"], seed=spec["seed"], policy=policy_name, group=spec["group"],
                            variant=spec["variant"], **rollout)
@@ -584,15 +644,20 @@ def add_sim_args(p):
                    help=f"tabletop: comma-separated cameras ({', '.join(tabletop.CAMERAS)}), one per camera of the "
                         "checkpoint, in its order (default: the checkpoint's own names)")
     p.add_argument("--episodes", type=int, default=d.episodes,
-                   help="tabletop: seeds per task; simplerenv: at most this many per column (0 = full grid)")
+                   help="tabletop: seeds per task (default 24); simplerenv: at most this many per column "
+                        "(default: SimplerEnv's full grid)")
     p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="cap on steps per episode (0 = the env's)")
     p.add_argument("--exec-horizon", type=int, default=d.exec_horizon, help="actions executed per predicted chunk")
     p.add_argument("--ensemble", action="store_true", help="temporal ensembling of overlapping chunks (ACT)")
     p.add_argument("--ensemble-temp", type=float, default=d.ensemble_temp, help="ACT's m; 0 = plain mean")
     p.add_argument("--no-reason", dest="reason", action="store_false", help="act without generating reasoning")
-    p.add_argument("--state", action="store_true",
-                   help="give the model the env's robot state (tabletop); SimplerEnv's protocol has none")
+    p.add_argument("--state", action=argparse.BooleanOptionalAction, default=d.state,
+                   help="give the model the robot state (tabletop's, or SimplerEnv's end-effector pose in the "
+                        "training layout); default: when the checkpoint was trained with state")
+    p.add_argument("--robot", default=d.robot,
+                   help="the robot whose statistics normalise states and un-normalise actions, as the training "
+                        "data named it (widowx, google_robot, tabletop); default: the one each task names")
     p.add_argument("--sticky-repeat", type=int, default=d.sticky_repeat, help="Google Robot sticky gripper steps")
     p.add_argument("--action-scale", type=float, default=d.action_scale)
     p.add_argument("--frames", type=int, default=d.frames, help="frames kept per rollout (VLA Score input)")
@@ -610,7 +675,7 @@ def make_policies(cfg):
         model = load_policy_model(cfg.ckpt)
         make = lambda s: Policy(model, s, exec_horizon=cfg.exec_horizon, ensemble=cfg.ensemble,
                                 ensemble_temp=cfg.ensemble_temp, reason=cfg.reason, sticky_repeat=cfg.sticky_repeat,
-                                action_scale=cfg.action_scale, use_state=cfg.state, env=cfg.env)
+                                action_scale=cfg.action_scale, use_state=cfg.state, env=cfg.env, robot=cfg.robot)
     elif cfg.policy == "expert":
         make = ExpertPolicy
     else:

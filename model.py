@@ -18,6 +18,7 @@ conditioned on the reasoning, π_θ(a | o, i, r).
 The flow head is InstructVLA's action expert in miniature: it has its own image path (FACTS.md,
 "Learning on CPU": without it a small VLM barely learns to act).
 """
+import itertools
 import json
 import math
 import os
@@ -53,7 +54,9 @@ class VLAConfig:
     n_bins: int = 256               # OpenVLA's uniform bins over [-1, 1]
     flow_steps: int = 10            # Euler steps at inference
     flow_target: str = "velocity"   # the flow head predicts the velocity (π0) | the clean chunk ("action", x1-prediction)
-    image_size: int = 224           # VLM input side, a multiple of 28 (patch 14 × merge 2)
+    image_size: int = 224           # robot frames' VLM input side, a multiple of 28 (patch 14 × merge 2)
+    min_pixels: int = 0             # multimodal images keep their size within [min_pixels, max_pixels] on the
+    max_pixels: int = 0             #   backbone's grid (Qwen2-VL's native resolution); 0 = the backbone's own bound
     head_image_size: int = 64       # the action expert's own image path
     head_width: int = 256           # hidden width of the action expert
     cameras: tuple = ("image",)     # one image-token block per camera, in this order
@@ -209,14 +212,39 @@ class DualVLA(nn.Module):
         self.queries = nn.Parameter(torch.randn(config.n_queries, hidden) * 0.02)
         self.head = ActionExpert(config, hidden) if config.action_head == "flow" else None
         self.norm_stats = {}
-        self.image_tokens = (config.image_size // 28) ** 2
+        # the vision grid: patch 14 × merge 2 = 28 px per image token for Qwen2/2.5-VL, 16 × 2 = 32 for Qwen3-VL
+        self.merge = image_processor.merge_size
+        self.factor = image_processor.patch_size * self.merge
+        if config.image_size % self.factor:
+            raise UserError(f"image_size must be a multiple of {self.factor} for {config.backbone} "
+                            f"(patch {image_processor.patch_size} × merge {self.merge}), got {config.image_size}")
+        self.pixel_bounds = (config.min_pixels or image_processor.size["shortest_edge"],
+                             config.max_pixels or image_processor.size["longest_edge"])
+        self.image_tokens = (config.image_size // self.factor) ** 2  # per robot frame
         self.ground_weight = 0.0  # weight of the grounding term in forward's loss (train.py's --ground-weight)
 
     # ---- inputs
 
-    def set_action_stats(self, action_stats, state_stats=None):
-        """q01/q99 statistics (data.action_stats) used to normalise actions/states; saved with the model."""
-        self.norm_stats = {"action": action_stats, "state": state_stats}
+    def set_action_stats(self, action_stats, state_stats=None, robot="unknown"):
+        """One robot's q01/q99 statistics (data.action_stats) of actions and states; saved with the model.
+
+        Kept per robot, as OpenVLA and InstructVLA keep theirs per dataset (bridge_dataset, fractal20220817_data):
+        each frame is normalised with its robot's, and actions are un-normalised with the robot acted for."""
+        self.norm_stats[robot] = {"action": action_stats, "state": state_stats}
+
+    def robot_stats(self, robot=None):
+        """(action, state) statistics for `robot`: its own, else those of the robot whose name starts its
+        name (SimplerEnv's google_robot_static -> google_robot, the policy setup widowx_bridge -> widowx), else
+        the only set (a one-robot checkpoint); (None, None) for a model without statistics."""
+        if not self.norm_stats:
+            return None, None
+        names = [robot] if robot in self.norm_stats else [k for k in self.norm_stats if str(robot).startswith(k)]
+        names = names or (list(self.norm_stats) if len(self.norm_stats) == 1 else [])
+        if not names:
+            raise UserError(f"the checkpoint has statistics for {', '.join(self.norm_stats)}, not for robot "
+                            f"{robot!r}: name one of them (evaluate.py --robot)")
+        stats = self.norm_stats[max(names, key=len)]
+        return stats["action"], stats["state"]
 
     def _images(self, record):
         imgs = record["image"] if isinstance(record["image"], (list, tuple)) else [record["image"]]
@@ -226,17 +254,17 @@ class DualVLA(nn.Module):
         return [(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).convert("RGB")
                 for im in imgs]
 
-    def _prompt_ids(self, n_images, text, names=None):
-        """Chat-template prompt up to 'assistant\\n', with one vision block per image."""
-        block = VISION_START + IMAGE_PAD * self.image_tokens + VISION_END
-        vision = "".join(f"{n}: {block}" if names else block for n in (names or [None] * n_images))
+    def _prompt_ids(self, tokens, text, names=None):
+        """Chat-template prompt up to 'assistant\\n', with one vision block per image of tokens[k] image tokens."""
+        blocks = [VISION_START + IMAGE_PAD * n + VISION_END for n in tokens]
+        vision = "".join(f"{n}: {b}" for n, b in zip(names, blocks)) if names else "".join(blocks)
         s = (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{vision}{text}{IM_END}\n"
              f"{IM_START}assistant\n")
         return self.tokenizer(s, add_special_tokens=False)["input_ids"]
 
     def _robot_prompt(self, record):
         names = list(self.config.cameras) if len(self.config.cameras) > 1 else None
-        return self._prompt_ids(len(self.config.cameras), self.config.prompt.format(
+        return self._prompt_ids([self.image_tokens] * len(self.config.cameras), self.config.prompt.format(
             instruction=record["instruction"].strip().rstrip(".").lower()), names)
 
     def _state(self, record):
@@ -244,19 +272,37 @@ class DualVLA(nn.Module):
         s = np.zeros(self.config.state_dim, np.float32) if s is None else np.asarray(s, np.float32)
         if s.shape != (self.config.state_dim,):
             raise UserError(f"state has shape {s.shape}, model expects ({self.config.state_dim},)")
-        return normalize_action(s, self.norm_stats["state"]) if self.norm_stats.get("state") else s
+        stats = self.robot_stats(record.get("robot"))[1]
+        return normalize_action(s, stats) if stats else s
 
     def _bins(self, actions):
         """Normalised actions in [-1, 1] -> bin indices (OpenVLA's uniform discretisation)."""
         return np.clip(((actions + 1) / 2 * self.config.n_bins).astype(int), 0, self.config.n_bins - 1)
 
-    def _pixels(self, images):
-        """All images of a batch through the backbone's image processor, in one call (None for text only)."""
+    def _pixels(self, images, native=False):
+        """A batch's images through the backbone's image processor -> (pixel_values, image_grid_thw), or None
+        for text only. Robot frames become image_size² (a fixed token count, what the action head trained on);
+        native ones (multimodal samples, benchmark questions: `native` one flag for all or one per image) keep
+        their size within pixel_bounds on the processor's own grid (transformers' smart_resize), as Qwen2-VL
+        reads documents and scene text. One processor call per run of one kind, in order."""
         if not images:
             return None, None
-        s = self.config.image_size
-        out = self.image_processor(images=[im.resize((s, s), Image.BICUBIC) for im in images], return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
+        flags = [native] * len(images) if isinstance(native, bool) else list(native)
+        s, (lo, hi) = self.config.image_size, self.pixel_bounds
+        outs = []
+        for is_native, run in itertools.groupby(zip(flags, images), key=lambda x: x[0]):
+            ims = [im for _, im in run]
+            if is_native:
+                size = {"shortest_edge": lo, "longest_edge": hi}
+            else:
+                ims = [im.resize((s, s), Image.BICUBIC) for im in ims]
+                size = {"shortest_edge": s * s, "longest_edge": s * s}
+            outs.append(self.image_processor(images=ims, size=size, return_tensors="pt"))
+        return torch.cat([o["pixel_values"] for o in outs]), torch.cat([o["image_grid_thw"] for o in outs])
+
+    def _image_tokens(self, grid):
+        """image_grid_thw (N, 3) -> image tokens per image: its patches merged merge × merge."""
+        return (grid.prod(-1) // self.merge ** 2).tolist()
 
     def _head_pixels(self, images):
         s = self.config.head_image_size
@@ -266,12 +312,14 @@ class DualVLA(nn.Module):
     def make_batch(self, records, reasoning=True):
         """Records -> right-padded model inputs. `reasoning=False` drops r (the action teacher's view)."""
         cfg, tok = self.config, self.tokenizer
-        seqs, images, robot_images, states, actions, amasks, targets = [], [], [], [], [], [], []
-        for rec in records:
-            imgs = self._images(rec) if rec["domain"] == "robot" else (
-                rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])
-            imgs = [im.convert("RGB") for im in imgs]
-            images += imgs
+        seqs, robot_images, states, actions, amasks, targets = [], [], [], [], [], []
+        per_record = [self._images(rec) if rec["domain"] == "robot" else [im.convert("RGB") for im in (
+            rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])] for rec in records]
+        native = [rec["domain"] != "robot" for rec, imgs in zip(records, per_record) for _ in imgs]
+        pixel_values, grid = self._pixels([im for imgs in per_record for im in imgs], native)
+        counts = iter(self._image_tokens(grid) if grid is not None else [])
+        for rec, imgs in zip(records, per_record):
+            tokens = [next(counts) for _ in imgs]
             if rec["domain"] == "robot":
                 prompt = self._robot_prompt(rec)
                 r = reasoning_text(rec.get("reasoning")) if reasoning else ""
@@ -287,8 +335,9 @@ class DualVLA(nn.Module):
                 if a.shape != (cfg.chunk, cfg.action_dim):
                     raise UserError(f"episode {rec.get('episode')} step {rec.get('step')}: action chunk has "
                                     f"shape {a.shape}, model expects ({cfg.chunk}, {cfg.action_dim})")
-                if self.norm_stats.get("action"):
-                    a = normalize_action(a, self.norm_stats["action"])
+                stats = self.robot_stats(rec.get("robot"))[0]
+                if stats:
+                    a = normalize_action(a, stats)
                 actions.append(a), amasks.append(m), states.append(self._state(rec)), robot_images.append(imgs)
                 targets.append(subtask_target(rec.get("reasoning"), *imgs[0].size))  # None: no ECoT boxes
                 if cfg.action_head == "flow":
@@ -298,7 +347,7 @@ class DualVLA(nn.Module):
                     tail = []
                 seqs.append((prompt, target, act_tokens, tail))
             else:
-                prompt = self._prompt_ids(len(imgs), rec["instruction"])
+                prompt = self._prompt_ids(tokens, rec["instruction"])
                 answer = tok(reasoning_text(rec["reasoning"]), add_special_tokens=False)["input_ids"]
                 seqs.append((prompt, answer + [self.ids[IM_END]], [], []))
         L = max(sum(len(p) for p in s) + (1 if s[2] else 0) for s in seqs)  # +1: <|im_end|> after bins
@@ -317,7 +366,6 @@ class DualVLA(nn.Module):
             act_pos[b, a0:a0 + len(act_tokens)] = True
             if act_tokens:
                 labels[b, a0:a0 + len(act_tokens) + 1] = torch.tensor(act_tokens + [self.ids[IM_END]])
-        pixel_values, grid = self._pixels(images)
         robot = torch.tensor([r["domain"] == "robot" for r in records])
         batch = dict(input_ids=input_ids, attention_mask=attn, labels=labels, pixel_values=pixel_values,
                      image_grid_thw=grid, mm_token_type_ids=(input_ids == self.ids[IMAGE_PAD]).int(),
@@ -343,7 +391,7 @@ class DualVLA(nn.Module):
         out = self.backbone.model(input_ids=batch["input_ids"], inputs_embeds=embeds,
                                   attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                                   image_grid_thw=batch["image_grid_thw"],
-                                  mm_token_type_ids=batch["mm_token_type_ids"])
+                                  mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False)  # one pass: no KV cache
         return out.last_hidden_state
 
     def to_device(self, batch):
@@ -425,16 +473,19 @@ class DualVLA(nn.Module):
     def generate_answers(self, images, questions, max_new_tokens=32):
         """Greedy answers for a batch: images is a list (per sample) of lists of PIL images."""
         images = [[im.convert("RGB") for im in ims] for ims in images]
-        prompts = [self._prompt_ids(len(ims), q) for ims, q in zip(images, questions)]
-        batch = self._left_padded(prompts, self._pixels([im for ims in images for im in ims]))
+        pixels = self._pixels([im for ims in images for im in ims], native=True)
+        counts = iter(self._image_tokens(pixels[1]) if pixels[1] is not None else [])
+        prompts = [self._prompt_ids([next(counts) for _ in ims], q) for ims, q in zip(images, questions)]
+        batch = self._left_padded(prompts, pixels)
         new = self._generate(batch, max_new_tokens, [self.ids[IM_END], self.ids[PAD]])
         return [self.tokenizer.decode(seq[seq != self.ids[PAD]], skip_special_tokens=True).strip() for seq in new]
 
     @torch.no_grad()
-    def predict_action(self, image, instruction, state=None, reason=True):
-        """Reason (KV-cached greedy decoding until <|act|>), then act. Returns actions in robot units."""
+    def predict_action(self, image, instruction, state=None, reason=True, robot=None):
+        """Reason (KV-cached greedy decoding until <|act|>), then act. Returns actions in the units of
+        `robot` (robot_stats: whose statistics un-normalise them)."""
         cfg, dev = self.config, self.queries.device
-        rec = dict(image=image, instruction=instruction, state=state, domain="robot")
+        rec = dict(image=image, instruction=instruction, state=state, domain="robot", robot=robot)
         imgs = self._images(rec)
         pixels = self._pixels(imgs)  # once per control step: generation and the action share it
         prompt = self._robot_prompt(rec)
@@ -462,8 +513,9 @@ class DualVLA(nn.Module):
             ctx = self.head.context(qs, self._head_pixels(imgs)[None].to(dev), state_t)
             actions = self.sample_actions(ctx).cpu().numpy()[0]
         actions = np.clip(actions, -1, 1)  # the training targets live in [-1, 1]
-        if self.norm_stats.get("action"):
-            actions = unnormalize_action(actions, self.norm_stats["action"])
+        stats = self.robot_stats(robot)[0]
+        if stats:
+            actions = unnormalize_action(actions, stats)
         return dict(actions=np.asarray(actions, np.float32), reasoning=reasoning, n_tokens=n_tokens)
 
     def sample_actions(self, ctx):
@@ -504,6 +556,8 @@ class DualVLA(nn.Module):
         with open(os.path.join(path, "config.json")) as f:
             saved = json.load(f)
         norm_stats = saved.pop("norm_stats", {})
+        if norm_stats and set(norm_stats) <= {"action", "state"}:  # saved before statistics were kept per robot
+            norm_stats = {"unknown": {"action": norm_stats.get("action"), "state": norm_stats.get("state")}}
         known = {f.name for f in fields(VLAConfig)}
         cfg = VLAConfig(**{k: v for k, v in saved.items() if k in known})
         bb_cfg = AutoConfig.from_pretrained(os.path.join(path, "backbone_config.json"))

@@ -39,11 +39,11 @@ class PruneConfig:
     seed: int = 0               # `random` mode: which frames are kept; same seed and episode id -> same frames
     # The AND of two sparse one-frame labels is empty wherever they fire a frame apart, and event-boundary
     # detectors are only accurate to a frame or so (GEBD scores DDM-Net with a tolerance). So the scene label
-    # is dilated by ±scene_window frames before the AND; a kept frame is still a kinematic one. Measured on
-    # 40 tabletop expert episodes (learned detector): w = 0 keeps 13 % of frames and has a kept frame within
-    # ±1 of 82 % of the subtask boundaries, w = 1 38 % / 88 %, w = 2 44 % / 90 % (unsupervised scene layer:
-    # 11 % / 63 %, 26 % / 70 %, 39 % / 81 %). 1 is the smallest window that forgives a one-frame miss; 0 is
-    # the paper's literal AND and the sparsest.
+    # is dilated by ±scene_window frames, in every mode that uses it (so `both` ⊆ `scene`); a kept frame is
+    # still a kinematic one. Measured on 40 tabletop expert episodes (detector trained on one per task):
+    # w = 0 keeps 13 % of frames and has a kept frame within ±1 of 89 % of the subtask boundaries, w = 1
+    # 38 % / 89 %, w = 2 42 % / 89 % (unsupervised scene layer: 11 % / 71 %, 26 % / 74 %, 38 % / 82 %).
+    # 1 is the smallest window that forgives a one-frame miss; 0 is the paper's literal AND and the sparsest.
     scene_window: int = 1
     peak_window: int = 2        # a scene boundary must be the highest score within ±this many frames (NMS)
     # Floor under the kinematic threshold: states are float32, so a constant-velocity episode has
@@ -200,7 +200,8 @@ def peaks(score, above, window):
 
 def change_channels(feats):
     """(N, 3) per frame: m_t = ||f_t - f_{t-1}||_2 (how much the picture changed), dm_t = m_t - m_{t-1}
-    and |dm_t| (0 where undefined).
+    and |dm_t| (0 where undefined: m from frame 1, dm from frame 2 — taking m_0 as 0 would make every episode
+    whose first frames move "change" at frame 1).
 
     An event boundary is where the picture's DYNAMICS change, not where pixels change: a robot arm moving
     at a steady speed changes pixels on every frame (m is high but flat), and a new subtask shows up as a
@@ -210,7 +211,7 @@ def change_channels(feats):
     m = np.zeros(len(feats))
     m[1:] = np.linalg.norm(np.diff(feats, axis=0), axis=1)
     dm = np.zeros(len(feats))
-    dm[1:] = np.diff(m)
+    dm[2:] = np.diff(m[1:])
     return np.stack([m, dm, np.abs(dm)], axis=1).astype(np.float32)
 
 
@@ -265,8 +266,8 @@ def scene_labels(frames, detector=None, cfg=None):
     if len(feats) < 2:
         return np.zeros(len(feats), dtype=bool)
     x = change_channels(feats)
-    if detector is None:
-        return peaks(x[:, 2], x[1:, 2].mean(), cfg.peak_window)
+    if detector is None:  # the threshold: the mean over the frames where |dm| is defined
+        return peaks(x[:, 2], x[2:, 2].mean(), cfg.peak_window) if len(x) > 2 else np.zeros(len(x), dtype=bool)
     if feats.shape[1] != spec["feat_dim"]:
         raise DataError(f"scene_labels: the detector was trained on {spec['feat_dim']} features per frame "
                         f"(its cameras), these frames give {feats.shape[1]}: a different number of cameras?")
@@ -408,8 +409,9 @@ def layer_masks(episodes, modes=MODES, cfg=None, detector=None):
 
       none      every frame keeps its reasoning (keep rate 1)
       kinematic kinematic_labels
-      scene     scene_labels
-      both      kinematic AND (scene dilated by ±cfg.scene_window) -- the paper's rule
+      scene     scene_labels dilated by ±cfg.scene_window (see PruneConfig)
+      both      kinematic AND scene -- the paper's rule
+    Every mode uses the same two layers, so the ablation's rows nest: both ⊆ scene, both ⊆ kinematic.
       random    as many frames as `both` keeps in this episode, chosen uniformly (seeded)
     """
     cfg = cfg or PruneConfig()
@@ -424,9 +426,9 @@ def layer_masks(episodes, modes=MODES, cfg=None, detector=None):
         if "kinematic" in need:
             m["kinematic"] = kin[i]
         if "scene" in need:
-            m["scene"] = scene_labels(step_field(ep, "image"), detector, cfg)
+            m["scene"] = dilate(scene_labels(step_field(ep, "image"), detector, cfg), cfg.scene_window)
         if "both" in need:
-            m["both"] = m["kinematic"] & dilate(m["scene"], cfg.scene_window)
+            m["both"] = m["kinematic"] & m["scene"]
         if "random" in need:
             m["random"] = random_keep(int(m["both"].sum()), len(m["none"]), cfg.seed, ep.get("id", ""))
         out.append({k: m[k] for k in modes})
@@ -486,7 +488,8 @@ def prune(records_or_path, mode="both", out=None, cfg=None, detector=None):
 
 
 def prune_stats(episodes, masks, mode, cfg):
-    """Counts per layer: keyframes, kept fraction, reasoning frames and tokens kept; scene vs phase if known."""
+    """Counts per layer: keyframes, kept fraction, reasoning frames and tokens kept; if the steps have phases,
+    the scene labels (as the modes use them, dilated) against the phase boundaries."""
     tokens = np.concatenate([[reasoning_tokens(s.get("reasoning")) for s in ep["steps"]] for ep in episodes])
     has = tokens > 0
     layers = {}
@@ -575,7 +578,7 @@ def parse_args(argv):
     p.add_argument("--labels", help="train-detector: labels.jsonl with boundary steps per episode")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random mode's frames / detector init (default {d.seed})")
     p.add_argument("--scene-window", type=int, default=d.scene_window,
-                   help=f"scene label dilated by ±this many frames before the AND (default {d.scene_window})")
+                   help=f"scene label dilated by ±this many frames, in every mode (default {d.scene_window})")
     p.add_argument("--peak-window", type=int, default=d.peak_window,
                    help=f"a scene boundary is the top score within ±this many frames (default {d.peak_window})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"train-detector: Adam steps (default {d.epochs})")

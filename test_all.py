@@ -206,6 +206,87 @@ def test_save_load_round_trip_is_exact(tiny_path, tmp_path, head):
     assert np.array_equal(pa["actions"], pb["actions"])
 
 
+def test_statistics_are_kept_per_robot(tiny_path, tmp_path):
+    # Bridge-like and Fractal-like ranges: translations within ±2 cm and ±20 cm, states likewise apart
+    rng = np.random.default_rng(0)
+    recs = []
+    for robot, scale in (("widowx", 0.02), ("google_robot", 0.2)):
+        for k, r in enumerate(robot_records(30, seed=len(recs))):
+            recs.append(dict(r, robot=robot, episode=robot, step=k, action=np.r_[rng.uniform(-scale, scale, 6), k % 2],
+                             state=np.r_[rng.uniform(-scale, scale, 6), 1.0].astype(np.float32)))
+    model = train.new_model(train.TrainConfig(image_size=56, head_image_size=32, chunk=2), tiny_path, recs, ("image",))
+    assert list(model.norm_stats) == ["widowx", "google_robot"]
+    w_act, w_state = model.robot_stats("widowx")
+    g_act, g_state = model.robot_stats("google_robot")
+    assert 0.015 < w_act["q99"][0] < 0.02 < 0.15 < g_act["q99"][0] < 0.2 and w_state["q99"][0] < 0.02
+    # each frame is normalised with its own robot's statistics
+    batch = model.make_batch([recs[0], recs[30]])
+    for row, r, (act, state) in ((0, recs[0], (w_act, w_state)), (1, recs[30], (g_act, g_state))):
+        np.testing.assert_allclose(batch["actions"][row, 0], data.normalize_action(r["action"], act), atol=1e-6)
+        np.testing.assert_allclose(batch["states"][row], data.normalize_action(r["state"], state), atol=1e-6)
+    # and un-normalised with the robot acted for (SimplerEnv's names and policy setups find theirs)
+    model.eval().sample_actions = lambda ctx: torch.full((1, 2, 7), 0.5)
+    for robot, act in (("widowx", w_act), ("widowx_bridge", w_act), ("google_robot_static", g_act)):
+        out = model.predict_action(recs[0]["image"], "pick", reason=False, robot=robot)["actions"]
+        np.testing.assert_allclose(out, np.stack([data.unnormalize_action(np.full(7, 0.5), act)] * 2), atol=1e-6)
+    with pytest.raises(UserError, match=r"statistics for widowx, google_robot, not for robot 'franka'.*--robot"):
+        model.predict_action(recs[0]["image"], "pick", reason=False, robot="franka")
+    pol = Policy(model, "google_robot", env="simplerenv")
+    assert pol.use_state and pol.robot == "google_robot"
+    # saved per robot; a checkpoint saved with one set for all frames still loads, for every robot
+    ckpt = model.save_pretrained(str(tmp_path / "ckpt"))
+    assert DualVLA.from_pretrained(ckpt).norm_stats == model.norm_stats
+    cfg = saved_config(ckpt)
+    cfg["norm_stats"] = {"action": w_act, "state": None}
+    Path(ckpt, "config.json").write_text(json.dumps(cfg))
+    old = DualVLA.from_pretrained(ckpt)
+    assert old.robot_stats("google_robot") == (w_act, None) and not Policy(old, "google_robot").use_state
+
+
+def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path):
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    lo, hi = 56 * 56, 224 * 224
+    m = tiny_model(tiny_path, min_pixels=lo, max_pixels=hi)
+    pad = m.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    reference = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)
+    sizes = [(64, 64), (300, 100), (100, 300), (1000, 700), (31, 500), (224, 224), (17, 17), (2000, 60)]
+    images = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for k, (w, h) in enumerate(sizes)]
+    recs = [dict(mm_record(), image=im) for im in images] + robot_records(1)
+    batch = m.make_batch(recs)
+    counts = (batch["input_ids"] == pad).sum(1).tolist()
+    for (w, h), im, n in zip(sizes, images, counts):
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+        assert n == rh * rw // 28 ** 2, (w, h)
+        assert n == int(reference(images=[im])["image_grid_thw"].prod()) // 4, (w, h)
+    assert counts[-1] == 4  # the robot frame keeps its fixed 56 px, 2 × 2 tokens
+    assert torch.isfinite(m(batch)["loss"])  # the vision tower's features fill exactly these tokens
+    answers = m.generate_answers([[images[1], images[4]], [images[6]]], ["Which is taller?", "What colour?"],
+                                 max_new_tokens=2)
+    assert len(answers) == 2
+    assert tiny_model(tiny_path).pixel_bounds == (28 * 28, 448 * 448)  # default: the backbone's processor's own
+    # Qwen3-VL's grid: patch 16 × merge 2 = 32 px per token
+    q3 = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=lo, max_pixels=hi)
+    m3 = DualVLA(VLAConfig(backbone=tiny_path, image_size=224), m.backbone, m.tokenizer, q3)
+    counts = (m3.make_batch(recs)["input_ids"] == pad).sum(1).tolist()
+    for (w, h), n in zip(sizes, counts):
+        rh, rw = smart_resize(h, w, factor=32, min_pixels=lo, max_pixels=hi)
+        assert n == rh * rw // 32 ** 2, (w, h)
+    assert counts[-1] == (224 // 32) ** 2
+    with pytest.raises(UserError, match="image_size must be a multiple of 32"):
+        DualVLA(VLAConfig(backbone=tiny_path, image_size=56), m.backbone, m.tokenizer, q3)
+
+
+def test_training_forward_builds_no_kv_cache(tiny_path):
+    m = tiny_model(tiny_path)
+    caches = []
+    m.backbone.model.register_forward_hook(lambda mod, args, kwargs, out: caches.append(out.past_key_values),
+                                           with_kwargs=True)
+    m(m.make_batch(robot_records(2) + [mm_record()]))
+    assert caches == [None]
+
+
 @pytest.mark.parametrize("head", ["flow", "tokens"])
 def test_predict_action_finite(tiny_path, head):
     m = tiny_model(tiny_path, head, max_reasoning_tokens=8).eval()
@@ -998,6 +1079,33 @@ def test_lerobot_fractal_state_and_errors(tmp_path):
         data.read_lerobot(tmp_path)
 
 
+def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
+    """The LeRobot Fractal conversion stores OXE's rt1 transform of the action: RT-1's relative
+    gripper_closedness_action made absolute (1 open, 0 closed), the convention of the Bridge rows, which the
+    Google robot's converter turns back into SimplerEnv's relative command. A relative row is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path / "fractal"
+    write_lerobot(root, "v2.1", False)
+    info = json.load(open(root / "meta/info.json"))
+    info["robot_type"] = "google_robot"
+    info["features"]["observation.state"]["names"] = {"motors": FRACTAL_STATE_NAMES}
+    json.dump(info, open(root / "meta/info.json", "w"))
+    path = root / "data/chunk-000/episode_000000.parquet"
+    table = pq.read_table(path)
+    recorded = [[0.01, -0.02, 0.0, 0.0, 0.0, 0.05, g] for g in (1.0, 1.0, 0.0, 0.0, 1.0)]  # open, close, reopen
+    column = table.column_names.index("action")
+    pq.write_table(table.set_column(column, "action", pa.array(recorded, pa.list_(pa.float32()))), path)
+    steps = data.read_lerobot(root, episodes=[0])[0]["steps"]
+    assert [float(s["action"][6]) for s in steps] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    conv = ActionConverter("google_robot", sticky_repeat=1)
+    assert [conv.gripper(s["action"][6])[0] for s in steps] == [0.0, 0.0, 1.0, 0.0, -1.0]  # +1 close, -1 open
+    relative = [r[:6] + [g] for r, g in zip(recorded, (0.0, 1.0, 0.0, -1.0, 0.0))]
+    pq.write_table(table.set_column(column, "action", pa.array(relative, pa.list_(pa.float32()))), path)
+    with pytest.raises(DataError, match="episode 0 field 'action': a gripper value below 0 is RT-1's relative"):
+        data.read_lerobot(root, episodes=[0])
+
+
 def test_lerobot_video_missing_frame(tmp_path):
     root = tmp_path / "ds"
     write_lerobot(root, "v3.0", True)
@@ -1096,6 +1204,26 @@ def test_vla_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- bad input + CLI
+
+def test_paper_reasoning_is_vla_it_for_both_robots_with_ecot_as_an_option(tmp_path):
+    bridge, fractal = "/nfs/bridge/put_spoon/train/out.npy", "gs://fractal/train.tfrecord-00001"
+    json.dump({bridge: {"3": {"features": {"move_primitive": ["move left", None, "close gripper", "stop"]}}}},
+              open(tmp_path / "bridge_instruction.json", "w"))
+    json.dump({fractal: {"7": {"features": {"move_primitive": ["move up", "stop"]},
+                               "alt_instruction": {"QA": [{"question": "Where is the can?", "answer": "Left."}]}}}},
+              open(tmp_path / "fractal_instruction.json", "w"))
+    ecot_json(tmp_path / "embodied_features_bridge.json")  # annotates Bridge episode 3 (steps 0 and 2), not 4
+    vla_it = [tmp_path / "bridge_instruction.json", tmp_path / "fractal_instruction.json"]
+    reasoning, conv = data.paper_reasoning(vla_it)
+    assert reasoning[(bridge, "3")] == {0: {"MOVE": "move left"}, 2: {"MOVE": "close gripper"}, 3: {"MOVE": "stop"}}
+    assert reasoning[(fractal, "7")] == {0: {"MOVE": "move up"}, 1: {"MOVE": "stop"}}
+    assert conv[(fractal, "7")] == [("Where is the can?", "Left.")]
+    with_ecot, _ = data.paper_reasoning(vla_it, tmp_path / "embodied_features_bridge.json")
+    assert sorted(with_ecot[(bridge, "3")]) == [0, 2] and with_ecot[(bridge, "3")][2]["SUBTASK"] == "grasp the spoon"
+    assert with_ecot[(fractal, "7")] == reasoning[(fractal, "7")] and (bridge, "4") not in with_ecot
+    with pytest.raises(DataError, match="fractal_instruction.json: episode .* earlier VLA-IT file"):
+        data.paper_reasoning(vla_it + [vla_it[1]])
+
 
 def test_episode_folder_bad_input(tmp_path):
     data.write_episodes(make_episodes(), tmp_path)
@@ -1407,19 +1535,37 @@ def test_keyframes_modes_and_keep_rates():
     both = prune.keyframes(ep, "both")
     assert prune.keyframes(ep, "none").all()
     assert np.array_equal(kin, prune.kinematic_labels(*prune.episode_pose(ep)))
-    assert np.array_equal(scene, prune.scene_labels([s["image"] for s in ep["steps"]]))
-    assert np.array_equal(both, kin & prune.dilate(scene, cfg.scene_window))
+    raw_scene = prune.scene_labels([s["image"] for s in ep["steps"]])
+    assert np.array_equal(scene, prune.dilate(raw_scene, cfg.scene_window)) and np.array_equal(both, kin & scene)
     # every boundary has a kinematic frame nearby, so `both` keeps one small cluster per event
     assert 0 < both.sum() <= 3 * (2 * cfg.scene_window + 1) and both.sum() < kin.sum() < n
     assert prune.keyframes(ep, "random").sum() == both.sum()
     # scene_window=0 is the literal AND: sparser (here one frame per event; with the layers a frame apart, none)
     no_dilation = prune.keyframes(ep, "both", prune.PruneConfig(scene_window=0))
-    assert np.array_equal(no_dilation, kin & scene) and no_dilation.sum() < both.sum()
+    assert np.array_equal(no_dilation, kin & raw_scene) and no_dilation.sum() < both.sum()
     assert prune.dilate(np.array([0, 0, 0, 1, 0, 0, 0], bool), 2).tolist() == [0, 1, 1, 1, 1, 1, 0]
     with pytest.raises(UserError, match="unknown prune mode"):
         prune.keyframes(ep, "everything")
     with pytest.raises(UserError, match="scene_window must be >= 0"):
         prune.PruneConfig(scene_window=-1)
+
+
+def test_prune_modes_nest_on_demo_episodes():
+    """Table 7's rows differ only in the layers they AND: every mode uses the same (dilated) scene labels.
+    The unsupervised scene layer no longer fires at frame 1, where the arm merely starts to move."""
+    eps = [tabletop.expert_episode(task, seed) for task in tabletop.TASKS for seed in range(3)]
+    for detector in (None, prune.train_detector(eps[::3], {ep["id"]: np.flatnonzero(prune.phase_boundaries(ep))
+                                                           .tolist() for ep in eps[::3]}, prune.PruneConfig(epochs=50))):
+        masks = prune.layer_masks(eps, detector=detector)
+        for m in masks:
+            assert (m["both"] <= m["scene"]).all() and (m["both"] <= m["kinematic"]).all()
+            assert m["random"].sum() == m["both"].sum() and m["none"].all()
+        total = {k: sum(int(m[k].sum()) for m in masks) for k in prune.MODES}
+        assert 0 < total["both"] < min(total["scene"], total["kinematic"]), total
+    first = [prune.scene_labels([s["image"] for s in ep["steps"]])[:2] for ep in eps]
+    assert not np.any(first)
+    x = prune.change_channels(prune.frame_features([s["image"] for s in eps[0]["steps"]]))
+    assert x[1, 0] > 0 and (x[:2, 1:] == 0).all()  # the arm moves from frame 1; its change is defined from 2
 
 
 def test_random_mode_reproducible_with_seed():
@@ -1539,19 +1685,21 @@ def test_tabletop_scene_layer_near_true_boundaries_and_both_prunes():
     frames = [[s["image"] for s in ep["steps"]] for ep in test]
     learned = np.concatenate([prune.scene_labels(f, net, cfg) for f in frames])
     unsup = np.concatenate([prune.scene_labels(f, None, cfg) for f in frames])
-    # measured on these 12 episodes (P / R at ±2 frames): learned 0.98 / 1.0, unsupervised 0.78 / 0.77;
-    # boundaries are dense here (one per ~5 frames): random frames at the unsupervised rate score 0.75 / 0.61
+    # measured on these 12 episodes (P / R at ±2 frames): learned 0.98 / 1.0, unsupervised 0.77 / 0.67;
+    # boundaries are dense here (one per ~5 frames): random frames at the unsupervised rate score 0.75 / 0.58
     p_learned, r_learned = prune.boundary_scores(learned, truth, tol=2)
     assert p_learned >= 0.9 and r_learned >= 0.9, (p_learned, r_learned)
     p, r = prune.boundary_scores(unsup, truth, tol=2)
-    assert p >= 0.7 and r >= 0.7, (p, r)
+    assert p >= 0.7 and r >= 0.62, (p, r)
     _, stats = prune.prune(test, "both", cfg=cfg, detector=net)
     layers = stats["layers"]
     assert layers["none"]["reasoning_frames_after"] == stats["frames"]
     assert layers["both"]["reasoning_frames_after"] < 0.5 * layers["none"]["reasoning_frames_after"]
     assert layers["both"]["reasoning_tokens_after"] < 0.5 * stats["reasoning_tokens_before"]
-    assert layers["both"]["keyframes"] <= layers["kinematic"]["keyframes"]
-    assert stats["scene_vs_phase"] == dict(precision=round(p_learned, 4), recall=round(r_learned, 4), tolerance=2)
+    assert layers["both"]["keyframes"] <= min(layers["kinematic"]["keyframes"], layers["scene"]["keyframes"])
+    scene = np.concatenate([prune.dilate(prune.scene_labels(f, net, cfg), cfg.scene_window) for f in frames])
+    p, r = prune.boundary_scores(scene, truth, tol=2)  # the scene mode's labels: the detector's, dilated
+    assert stats["scene_vs_phase"] == dict(precision=round(p, 4), recall=round(r, 4), tolerance=2)
 
 
 # ============================================================================= evaluate.py sim
@@ -1653,13 +1801,17 @@ def test_ensemble_action_weights_overlapping_chunks():
 class FakeModel:
     """predict_action's contract: chunk (4, 7) whose row j of call c is 10c + j; reasons on call 0 only."""
 
-    def __init__(self, action_dim=7, chunk=4, cameras=("image",)):
+    def __init__(self, action_dim=7, chunk=4, cameras=("image",), state_stats=None):
         self.config = SimpleNamespace(action_dim=action_dim, chunk=chunk, cameras=cameras)
-        self.calls = []
+        self.calls, self.robots, self.state_stats = [], [], state_stats
 
-    def predict_action(self, image, instruction, state=None, reason=True):
+    def robot_stats(self, robot=None):
+        return None, self.state_stats
+
+    def predict_action(self, image, instruction, state=None, reason=True, robot=None):
         c = len(self.calls)
         self.calls.append((image.size, instruction, state, reason))
+        self.robots.append(robot)
         acts = np.repeat((10.0 * c + np.arange(self.config.chunk))[:, None], 7, 1).astype(np.float32)
         acts[:, 3:6] = 0
         return dict(actions=acts, reasoning="PLAN: grasp" if c == 0 else "", n_tokens=5 if c == 0 else 1)
@@ -1706,6 +1858,68 @@ def test_policy_rejects_bad_checkpoints():
         Policy("/nonexistent/ckpt")
 
 
+def simpler_obs(eef_pos, camera="3rd_view_camera"):
+    """A SimplerEnv (ManiSkill2-real2sim) observation: images under obs["image"], the robot under obs["agent"],
+    eef_pos = x, y, z, quaternion w-x-y-z, gripper openness."""
+    return {"image": {camera: {"rgb": np.zeros((8, 8, 3), np.uint8)}},
+            "agent": {"qpos": np.zeros(8, np.float32), "eef_pos": np.asarray(eef_pos, np.float32)}}
+
+
+FRACTAL_STATE_NAMES = ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]
+
+
+def test_simpler_state_is_the_lerobot_state_of_the_same_pose():
+    # WidowX pointing down, turned 0.5 rad about z: in Bridge's top-down frame roll = pitch = 0, yaw = 0.5.
+    # SimplerEnv's tool rotation is Bridge's times BRIDGE_TOOL_ROT (a quarter turn about y: w = y = √½).
+    q_tool = quat_mul([np.cos(0.25), 0, 0, np.sin(0.25)], [np.sqrt(0.5), 0, np.sqrt(0.5), 0])
+    expected = [0.3, -0.05, 0.12, 0.0, 0.0, 0.5, 0.9]
+    np.testing.assert_allclose(evaluate.simpler_state(simpler_obs(np.r_[0.3, -0.05, 0.12, q_tool, 0.9]), "widowx"),
+                               expected, atol=1e-6)
+    bridge_row = [[0.3, -0.05, 0.12, 0.0, 0.0, 0.5, 0.0, 0.9]]  # x y z roll pitch yaw pad gripper (openness)
+    np.testing.assert_allclose(data.lerobot_state(bridge_row, STATE_NAMES, "widowx")[0], expected, atol=1e-6)
+    # Google robot: roll 0.1, pitch -0.2, yaw 0.4, gripper 80 % open; Fractal stores the quaternion x-y-z-w and
+    # RT-1's closedness (0.2)
+    q = euler_to_quat(0.1, -0.2, 0.4)
+    expected = [0.6, 0.1, 0.9, 0.1, -0.2, 0.4, 0.8]
+    obs = simpler_obs(np.r_[0.6, 0.1, 0.9, q, 0.8], "overhead_camera")
+    np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot_static"), expected, atol=1e-6)
+    np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot"), expected, atol=1e-6)
+    fractal_row = [np.r_[0.6, 0.1, 0.9, q[1:], q[0], 0.2]]
+    np.testing.assert_allclose(data.lerobot_state(fractal_row, FRACTAL_STATE_NAMES, "google_robot")[0], expected,
+                               atol=1e-6)
+    with pytest.raises(UserError, match="no SimplerEnv state layout for robot 'franka'"):
+        evaluate.simpler_state(obs, "franka")
+    # the Euler convention is transforms3d's sxyz (R = Rz Ry Rx), gimbal lock included
+    for r, p_, y in np.random.default_rng(0).uniform(-1.5, 1.5, (50, 3)):
+        np.testing.assert_allclose(evaluate.matrix_to_euler(_rot_z(y) @ _rot_y(p_) @ _rot_x(r)), [r, p_, y], atol=1e-9)
+    np.testing.assert_allclose(evaluate.matrix_to_euler(_rot_z(0.3) @ _rot_y(np.pi / 2)), [-0.3, np.pi / 2, 0], atol=1e-9)
+
+
+def test_run_episode_feeds_the_simplerenv_state_when_the_checkpoint_trained_with_state():
+    class Env:  # SimplerEnv's interface; the arm moves 1 cm along x per step
+        t = 0
+
+        def obs(self):
+            return simpler_obs([0.3 + 0.01 * self.t, 0.0, 0.1, np.sqrt(0.5), 0, np.sqrt(0.5), 0, 1.0])
+
+        def get_language_instruction(self):
+            return "put the spoon on the towel"
+
+        def step(self, action):
+            self.t += 1
+            return self.obs(), 0.0, False, self.t >= 2, {}
+    for state_stats in ({"q01": [0] * 7}, None):
+        model, env = FakeModel(state_stats=state_stats), Env()
+        pol = Policy(model, "widowx_bridge", exec_horizon=1)
+        run_episode(pol, env, env.obs(), ["3rd_view_camera"], robot="widowx")
+        states = [c[2] for c in model.calls]
+        if state_stats is None:  # trained without state: none is given
+            assert states == [None, None]
+        else:
+            np.testing.assert_allclose(states, [[0.3, 0, 0.1, 0, 0, 0, 1], [0.31, 0, 0.1, 0, 0, 0, 1]], atol=1e-6)
+        assert model.robots == ["widowx_bridge"] * 2  # whose statistics un-normalise: the task's robot
+
+
 def test_simpler_table_reproduces_paper_average():
     paper = {c: PAPER_SIMPLER["DualVLA (paper)"][c] for c in SIMPLER_COLUMNS}
     table = simpler_table(paper)
@@ -1746,6 +1960,10 @@ def test_simpler_grids_match_simplerenv_scripts():
     assert carrot[0]["overlay"] == "bridge_real_eval_1.png" and carrot[0]["max_episode_steps"] == 60
     smoke = episode_specs(SimConfig(env="simplerenv", tasks=("google_robot_drawer_va",), episodes=10))
     assert len(smoke) == 10 and len({e["variant"] for e in smoke}) > 3  # spread over the grid
+    # by default SimplerEnv runs its full grid (the paper's protocol), tabletop 24 seeds per task
+    full = episode_specs(SimConfig(env="simplerenv", tasks=("widowx_spoon_on_towel", "google_robot_pick_coke_can_vm")))
+    assert len(full) == 24 + 3 * 4 * 25
+    assert len(episode_specs(SimConfig(env="tabletop", tasks=(tabletop.TASKS[0],)))) == 24
 
 
 def test_unknown_task_lists_valid_names():
@@ -2945,7 +3163,7 @@ def test_two_camera_bimanual_chain_runs_every_stage(tmp_path, capsys):
         cfg = saved_config(os.path.join(out, stage, "model"))
         assert tuple(cfg["cameras"]) == CAMS and cfg["action_dim"] == cfg["state_dim"] == 14, stage
         for kind in ("action", "state"):  # both arms' grippers (dims 6 and 13) stay unnormalised
-            stats = cfg["norm_stats"][kind]
+            stats = cfg["norm_stats"]["tabletop"][kind]
             assert [d for d, m in enumerate(stats["mask"]) if not m] == [6, 13], (stage, kind)
             assert stats["q01"][13] == -1.0 and stats["q99"][13] == 1.0
         with open(os.path.join(out, stage, "summary.json")) as f:

@@ -81,8 +81,10 @@ class TrainConfig:
     action_teacher: str = ""        # distill: π^a; "" = OUT/specialist/model
     reasoning_teacher: str = ""     # distill: π^r; "" = OUT/generalist/model
     action_head: str = "flow"       # flow | tokens; every checkpoint loaded must have this head
-    image_size: int = 56            # VLM image side, a multiple of 28 (56 px = 4 image tokens); new models only
+    image_size: int = 56            # robot frames' VLM image side, a multiple of 28 (56 px = 4 image tokens); new models only
     head_image_size: int = 64       # the action expert's own image side; new models only
+    min_pixels: int = 0             # native-resolution multimodal images: fewest pixels (0 = the backbone's); new models only
+    max_pixels: int = 0             # most pixels, i.e. image tokens × 28² (0 = the backbone's); new models only
     chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
     flow_target: str = "velocity"   # flow head predicts: velocity (π0) | action (the clean chunk); new models only
@@ -363,16 +365,19 @@ def gripper_dims(width):
 
 def new_model(cfg, backbone, robot, cameras, parts=()):
     """The specialist's starting point: backbone + fresh queries and head, sized to the data (cameras, action
-    and state widths), with per-dimension action/state statistics of `robot`. `parts`: an already built
+    and state widths), with per-dimension action/state statistics of `robot`, per robot. `parts`: an already built
     (backbone model, tokenizer, image processor) to use instead of loading `backbone` (bench.py's)."""
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
     actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
     model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
                               n_queries=cfg.n_queries, flow_target=cfg.flow_target, image_size=cfg.image_size,
                               head_image_size=cfg.head_image_size, cameras=cameras,
+                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                               action_dim=actions.shape[1], state_dim=states.shape[1]), *parts)
-    model.set_action_stats(data.action_stats(actions, gripper_dims(actions.shape[1])),
-                           data.action_stats(states, gripper_dims(states.shape[1])))
+    names = np.array([r.get("robot", "unknown") for r in robot])
+    for name in dict.fromkeys(names):  # one set per robot (Bridge's and Fractal's ranges differ), first-seen order
+        model.set_action_stats(data.action_stats(actions[names == name], gripper_dims(actions.shape[1])),
+                               data.action_stats(states[names == name], gripper_dims(states.shape[1])), robot=name)
     return model
 
 
