@@ -45,7 +45,8 @@ from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPol
                       extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
                       ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
                       select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
-from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, load_backbone
+from model import (ACT, DiTExpert, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, build_tiny_vision,
+                   clean_to_velocity, flow_path, load_backbone, sample_flow_time)
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
 
@@ -215,6 +216,101 @@ def test_predict_action_finite(tiny_path, head):
     assert np.abs(out["actions"][:, :6]).max() <= 0.05 + 1e-5   # unnormalised back into robot units
     answers = m.generate_answers([[gray], [gray]], ["What colour is the can?", "How many?"], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+# ---- the InstructVLA-style "dit" expert
+
+@pytest.fixture(scope="session")
+def tiny_vision_path(tmp_path_factory):
+    return build_tiny_vision(str(tmp_path_factory.mktemp("dino")))
+
+
+def dit_model(tiny_path, tiny_vision_path, **kw):
+    torch.manual_seed(0)
+    return DualVLA(VLAConfig(backbone=tiny_path, action_expert="dit", head_vision=tiny_vision_path, image_size=56,
+                             head_image_size=28, head_width=64, flow_time="beta", flow_sigma_min=1e-3, **kw))
+
+
+def test_dit_expert_acts_trains_and_round_trips(tiny_path, tiny_vision_path, tmp_path):
+    m = dit_model(tiny_path, tiny_vision_path)
+    assert isinstance(m.head, DiTExpert) and len(m.head.layers) == 1  # the tiny DINOv2's 2 layers, less the last
+    m.set_action_stats(data.action_stats(np.random.default_rng(0).normal(size=(50, 7))))
+    out = m(m.make_batch(robot_records(2)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for name in ("layers.0.mlp.fc1.weight", "film.0.weight", "transformer.layers.0.linear1.weight", "out.6.weight"):
+        assert m.head.get_parameter(name).grad.abs().sum() > 0, name  # the whole expert learns, DINOv2 included
+    m.eval()
+    img = robot_records(1)[0]["image"]
+    torch.manual_seed(4)
+    pa = m.predict_action(img, "pick up the red can", state=np.ones(7, np.float32), reason=False)
+    assert pa["actions"].shape == (16, 7) and np.isfinite(pa["actions"]).all()
+    m2 = DualVLA.from_pretrained(m.save_pretrained(str(tmp_path / "ck"))).eval()
+    assert m2.config == m.config and torch.equal(m2.head.pixel_std, m.head.pixel_std)
+    torch.manual_seed(4)
+    pb = m2.predict_action(img, "pick up the red can", state=np.ones(7, np.float32), reason=False)
+    assert np.array_equal(pa["actions"], pb["actions"])
+
+
+def test_dit_image_tokens_are_dinov2_until_film_learns(tiny_path, tiny_vision_path):
+    """FiLM starts as the identity, so the tokens are DINOv2's own second-to-last layer; then the queries steer them."""
+    from transformers import AutoModel
+    m = dit_model(tiny_path, tiny_vision_path)
+    dino = AutoModel.from_pretrained(tiny_vision_path).eval()
+    pixels = torch.rand(2, 3, 28, 28) - 0.5
+    cond = torch.randn(2, m.backbone.config.get_text_config().hidden_size)
+    ref = dino(pixel_values=(pixels + 0.5 - m.head.pixel_mean) / m.head.pixel_std, output_hidden_states=True)
+    ours = m.head.image_tokens(pixels, cond)
+    assert ours.shape == (2, 4, 32) and torch.allclose(ours, ref.hidden_states[-2][:, 1:], atol=1e-5)
+    torch.nn.init.normal_(m.head.film[0].weight)
+    steered = m.head.image_tokens(pixels, cond)
+    assert not torch.allclose(steered, ours, atol=1e-3)
+    assert not torch.allclose(steered[0], m.head.image_tokens(pixels, cond.flip(0))[1], atol=1e-3)
+
+
+def test_dit_action_tokens_read_images_queries_state_and_each_other(tiny_path, tiny_vision_path):
+    m = dit_model(tiny_path, tiny_vision_path).eval()
+    ctx = torch.randn(1, m.head.n_image + m.config.n_queries + 1, 64)
+    x, t = torch.randn(1, 16, 7), torch.full((1,), 0.3)
+    base = m.head(x, t, ctx)
+    for k in (0, m.head.n_image, ctx.shape[1] - 1):  # an image token, a query, the state token
+        moved = ctx.clone()
+        moved[0, k] += torch.randn(64)  # not a constant shift: LayerNorm removes those
+        assert not torch.allclose(m.head(x, t, moved), base)
+    x2 = x.clone()
+    x2[0, 5] += torch.randn(7)
+    assert not torch.allclose(m.head(x2, t, ctx)[0, 0], base[0, 0])  # actions attend to each other (and positions)
+
+
+def test_flow_time_beta_matches_beta_1_5_1_on_the_noisy_end():
+    """t = 0.999·(1 − z), z ~ Beta(1.5, 1): P(t ≤ u) = 1 − (1 − u/0.999)^1.5, mean 0.999 · 0.4."""
+    g = torch.Generator().manual_seed(0)
+    t = sample_flow_time(400_000, VLAConfig(flow_time="beta"), generator=g).double()
+    assert t.min() >= 0 and t.max() < 0.999
+    assert abs(t.mean().item() - 0.999 * 0.4) < 2e-3
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        analytic = 0.999 * (1 - (1 - q) ** (2 / 3))
+        assert abs(torch.quantile(t[:100_000], q).item() - analytic) < 5e-3, q
+    assert (t < 0.5).float().mean() > 0.6  # more noisy than clean times (0.5 for uniform)
+    u = sample_flow_time(100_000, VLAConfig(), generator=torch.Generator().manual_seed(0))
+    assert abs(u.mean().item() - 0.5) < 5e-3 and abs((u < 0.5).float().mean().item() - 0.5) < 5e-3
+    again = sample_flow_time(5, VLAConfig(flow_time="beta"), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, sample_flow_time(5, VLAConfig(flow_time="beta"), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(UserError, match="flow_time"):
+        VLAConfig(flow_time="logit")
+
+
+def test_flow_path_with_sigma_min_and_its_clean_chunk_inverse():
+    x1, x0 = torch.randn(3, 16, 7), torch.randn(3, 16, 7)
+    s = 1e-3
+    x_t, v = flow_path(x1, x0, torch.tensor([0.0, 0.4, 1.0]), s)
+    assert torch.equal(x_t[0], x0[0]) and torch.allclose(x_t[2], x1[2] + s * x0[2])  # noise at t = 0, σ_min-blurred data at 1
+    assert torch.allclose(v, x1 - (1 - s) * x0)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t, v = flow_path(x1, x0, t, s)
+    dt = 1e-3  # the velocity is the path's time derivative
+    assert torch.allclose((flow_path(x1, x0, t + dt, s)[0] - x_t) / dt, v, atol=1e-3)
+    assert torch.allclose(clean_to_velocity(x1, x_t, t, s), v, atol=1e-5)
 
 
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):

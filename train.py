@@ -51,7 +51,7 @@ import prune
 import tabletop
 from data import DataError
 from distill import KD_MODES, check_teachers, dual_teacher_loss
-from model import DualVLA, UserError, VLAConfig, build_tiny, text_target_mask
+from model import DualVLA, UserError, VLAConfig, build_tiny, build_tiny_vision, sample_flow_time, text_target_mask
 
 STAGES = ("specialist", "generalist", "prune", "distill", "all")
 PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -325,7 +325,7 @@ def flow_noise(records, model_cfg, seed, step):
         if r["domain"] == "robot":
             g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{step}/{r['episode']}/{r['step']}".encode()))
             noise.append(torch.randn(model_cfg.chunk, model_cfg.action_dim, generator=g))
-            t.append(torch.rand((), generator=g))
+            t.append(sample_flow_time(1, model_cfg, generator=g)[0])
     return dict(noise=torch.stack(noise), t=torch.stack(t)) if noise else {}
 
 
