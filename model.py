@@ -229,11 +229,10 @@ class DiTExpert(nn.Module):
             mean, std = [0.0] * 3, [1.0] * 3
         if len(cfg.cameras) != 1:
             raise UserError("action_expert 'dit' takes one camera (InstructVLA's SimplerEnv setting)")
-        # Only what is used: the embeddings and all layers but the last (no final norm), so every trainable
-        # parameter is in the graph (DDP); the mask token serves DINOv2's masked pretraining only.
+        # Only what is used: the embeddings and all layers but the last (no final norm), so every parameter is
+        # in the graph (DDP); the mask token serves DINOv2's masked pretraining only.
         self.embeddings, self.layers = vision.embeddings, vision.encoder.layer[:-1]
-        if self.embeddings.mask_token is not None:
-            self.embeddings.mask_token.requires_grad_(False)
+        self.embeddings.mask_token = None
         self.vision_config, vis = vision.config, vision.config.hidden_size
         w, A = cfg.head_width, cfg.action_dim
         # DINOv2 normalisation, applied to head pixels given in [-0.5, 0.5] (make_batch's convention)
@@ -616,8 +615,11 @@ class DualVLA(nn.Module):
     # ---- checkpoints
 
     def save_pretrained(self, path):
-        """config.json, model.safetensors, backbone_config.json, tokenizer, image processor; atomic."""
+        """config.json, model.safetensors, backbone_config.json, tokenizer, image processor; atomic.
+        LoRA adapters (train.py's --lora-rank) are first folded into their weights, in place: the checkpoint
+        holds a plain model with the same outputs, which loads without peft."""
         from safetensors.torch import save_model
+        merge_adapters(self)
         tmp = f"{path.rstrip('/')}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -657,6 +659,15 @@ class DualVLA(nn.Module):
         load_model(model, os.path.join(path, "model.safetensors"))
         model.norm_stats = norm_stats
         return model
+
+
+def merge_adapters(model):
+    """Fold peft's LoRA layers into their base layers, in place (W + scale·B·A; outputs equal up to rounding)."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):  # a peft LoraLayer
+            module.merge()
+            model.set_submodule(name, module.get_base_layer())
+    return model
 
 
 class _AllowOnly:

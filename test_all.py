@@ -45,7 +45,7 @@ from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPol
                       extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
                       ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
                       select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
-from model import (ACT, DiTExpert, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, build_tiny_vision,
+from model import (ACT, QUERY, DiTExpert, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, build_tiny_vision,
                    clean_to_velocity, flow_path, load_backbone, sample_flow_time)
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
@@ -311,6 +311,60 @@ def test_flow_path_with_sigma_min_and_its_clean_chunk_inverse():
     dt = 1e-3  # the velocity is the path's time derivative
     assert torch.allclose((flow_path(x1, x0, t + dt, s)[0] - x_t) / dt, v, atol=1e-3)
     assert torch.allclose(clean_to_velocity(x1, x_t, t, s), v, atol=1e-5)
+
+
+# ---- the base model's regime: LoRA in the robot stage, the action expert frozen in the generalist stage
+
+def test_lora_robot_stage_trains_only_adapters_new_token_rows_queries_and_head(tiny_path):
+    pytest.importorskip("peft")
+    m = tiny_model(tiny_path)
+    cfg = train.stage_config("specialist", {"lora_rank": 4, "weight_decay": 0.1, "lr": 1e-2, "warmup_steps": 0})
+    train.add_lora(m, cfg)
+    train.set_vlm_trainable(m, True, cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = train.make_optimizer(m, cfg)
+    for step in range(3):
+        m(m.make_batch(robot_records(4, seed=step) + [mm_record()]))["loss"].backward()
+        train.optimizer_step(m, opt, cfg)
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    emb = "backbone.model.language_model.embed_tokens.weight"
+    allowed = lambda k: "lora_" in k or k == emb or k == "queries" or k.startswith("head.") or k == "backbone.lm_head.weight"
+    assert changed and all(map(allowed, changed)), sorted(k for k in changed if not allowed(k))
+    assert any("lora_B" in k for k in changed) and "queries" in changed and any(k.startswith("head.") for k in changed)
+    new = torch.zeros(len(after[emb]), dtype=torch.bool)
+    new[[m.ids[ACT], m.ids[QUERY]] + m.bin_ids.tolist()] = True
+    assert torch.equal(before[emb][~new], after[emb][~new])          # the old tokens' rows: untouched, decay included
+    assert not torch.equal(before[emb][m.ids[ACT]], after[emb][m.ids[ACT]])  # <|act|> is a target: its row learns
+    assert not any(k.startswith("backbone.model.visual") for k in changed)
+
+
+def test_lora_checkpoint_is_merged_and_gives_the_same_outputs(tiny_path, tmp_path):
+    pytest.importorskip("peft")
+    m = tiny_model(tiny_path)
+    batch = m.make_batch(robot_records(2) + [mm_record()])
+    m.eval()
+    with torch.no_grad():
+        plain = m(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))["logits"]
+    train.add_lora(m, train.stage_config("specialist", {"lora_rank": 4}))
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapters matter
+    m.eval()
+    with torch.no_grad():
+        adapted = m(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))
+        m2 = DualVLA.from_pretrained(m.save_pretrained(str(tmp_path / "ck"))).eval()
+        loaded = m2(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))
+    assert not torch.allclose(adapted["logits"], plain, atol=1e-3)
+    assert torch.allclose(loaded["logits"], adapted["logits"], atol=1e-4)
+    assert torch.allclose(loaded["flow_pred"], adapted["flow_pred"], atol=1e-4)
+    assert not any("lora_" in k for k in load_file(str(tmp_path / "ck" / "model.safetensors")))
+
+
+def test_lora_without_peft_is_a_one_line_user_error(tiny_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with pytest.raises(UserError, match="pip install peft"):
+        train.add_lora(tiny_model(tiny_path), train.stage_config("specialist", {"lora_rank": 4}))
 
 
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
@@ -2815,6 +2869,25 @@ def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "reusing" in printed and "running --stage" not in printed
     assert summary(out, "distill")["steps"] == 2
+
+
+def test_generalist_with_frozen_action_head_keeps_the_specialists_expert(base_run, tmp_path):
+    """The base model's regime from the command line, on the "dit" expert: the specialist (built first, with LoRA)
+    trains its expert; the generalist with --freeze-action-head leaves it bit for bit, while its LLM moves."""
+    pytest.importorskip("peft")
+    out = fresh_run(base_run, tmp_path)
+    train.main(["--stage", "generalist", "--out", out, "--freeze-action-head", "--lora-rank", "4",
+                "--action-expert", "dit", "--head-image-size", "28", "--head-width", "64", "--flow-time", "beta",
+                "--flow-sigma-min", "0.001"] + flags(steps=2, ckpt_every=2, freeze_vlm_steps=0))
+    spec, gen = (load_file(os.path.join(out, s, "model", "model.safetensors")) for s in ("specialist", "generalist"))
+    tiny = load_file(os.path.join(out, "tiny", "model.safetensors"))
+    head = [k for k in spec if k.startswith("head.")]
+    assert any(k.startswith("head.layers.0.") for k in head) and all(torch.equal(spec[k], gen[k]) for k in head)
+    q = "backbone.model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(spec[q], gen[q])                            # the generalist's adapters, merged
+    assert not torch.equal(spec[q], tiny["model.layers.0.self_attn.q_proj.weight"])  # and the specialist's
+    cfg = json.load(open(os.path.join(out, "generalist", "model", "config.json")))
+    assert (cfg["action_expert"], cfg["flow_time"], cfg["flow_sigma_min"]) == ("dit", "beta", 0.001)
 
 
 def test_torchrun_two_processes_match_one(base_run, tmp_path):
