@@ -204,8 +204,8 @@ class DiTExpert(nn.Module):
     """InstructVLA's action expert (its `ActionModelWithState`, vla/action_head.py): a DINOv2 image encoder
     FiLM-modulated by the mean query state, then a transformer over one sequence,
 
-        [image tokens ×P | projected query states ×Q | state token | noisy action tokens ×chunk (+ time)]
-          vision ◄──────┘  attends to vision  ───────┘   attends to all before it    └─► MLP ─► (chunk, A)
+        [image tokens ×P | projected query states ×Q | state token | noisy actions ×chunk + time]
+            ──► transformer ──► the action tokens, flattened ──► MLP ──► velocity or x̂1 (chunk, A)
 
     with InstructVLA's block-causal mask (image tokens see images; queries and state see images, queries and
     state; action tokens see everything). The transformer is torch's pre-norm encoder where InstructVLA uses a

@@ -40,7 +40,7 @@ import train
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
-                      SimConfig, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
+                      SimConfig, adaptive_ensemble_action, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
                       ensemble_action, episode_specs, euler_to_axangle, euler_to_quat, evaluate_mm, extract_choice,
                       extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
                       ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
@@ -1831,7 +1831,7 @@ def test_policy_executes_first_k_of_each_chunk():
 
 def test_policy_temporal_ensemble():
     model = FakeModel()
-    pol = Policy(model, "widowx_bridge", ensemble=True)
+    pol = Policy(model, "widowx_bridge", ensemble="act")
     pol.reset("t")
     image = np.zeros((8, 8, 3), np.uint8)
     xs = [pol.step(image, "t")[0]["world_vector"][0] for _ in range(6)]
@@ -1839,6 +1839,50 @@ def test_policy_temporal_ensemble():
     expected = [np.mean([10 * c + (t - c) for c in range(max(0, t - 3), t + 1)]) for t in range(6)]
     np.testing.assert_allclose(xs, expected)
     assert len(model.calls) == 6
+
+
+def test_adaptive_ensemble_hand_computed():
+    """CogACT's weights exp(α · cos(p_i, newest)) on each chunk's row for now: 0, 1/√2 and 1 here."""
+    chunks = [np.zeros((4, 7)) for _ in range(3)]
+    chunks[0][2, 0] = 2.0                       # oldest, predicted 2 steps ago: (2, 0), orthogonal to the newest
+    chunks[1][1, :2] = 1.0                      # (1, 1): 45° from the newest
+    chunks[2][0, 1] = 3.0                       # newest: (0, 3)
+    w = np.array([1.0, 1.0733, 1.1052])         # e^0, e^(0.1/√2), e^0.1, to 4 decimals
+    expected = np.zeros(7)
+    expected[:2] = (w[0] * np.array([2, 0]) + w[1] * np.array([1, 1]) + w[2] * np.array([0, 3])) / w.sum()
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks, 0.1), expected, atol=1e-4)
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks, 0.0), ensemble_action(chunks, 0.0))  # α 0: the mean
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks[:1]), np.zeros(7))  # one all-zero prediction
+
+
+def test_policy_adaptive_ensemble_uses_the_per_robot_horizon():
+    pols = {s: Policy(FakeModel(chunk=16), s, ensemble="adaptive") for s in ("widowx_bridge", "google_robot")}
+    assert (pols["widowx_bridge"].horizon, pols["google_robot"].horizon) == (7, 2)
+    image = np.zeros((8, 8, 3), np.uint8)
+    for setup, pol in pols.items():
+        pol.reset("t")
+        xs = [pol.step(image, "t")[0]["world_vector"][0] for _ in range(10)]
+        for t in (0, 5, 9):  # rows 10c + (t - c) of the last `horizon` calls, weighted as CogACT does
+            calls = range(max(0, t - pol.horizon + 1), t + 1)
+            chunks = [np.repeat((10.0 * c + np.arange(16))[:, None], 7, 1) for c in calls]
+            for ch in chunks:
+                ch[:, 3:6] = 0
+            assert xs[t] == pytest.approx(adaptive_ensemble_action(chunks, 0.1)[0]), (setup, t)
+    with pytest.raises(UserError, match="ensemble-horizon"):
+        Policy(FakeModel(chunk=4), "widowx_bridge", ensemble="adaptive")  # 7 > the chunk
+
+
+def test_sticky_gripper_with_instructvla_fix_on_a_scripted_sequence():
+    """The same commands through SimplerEnv's converter and InstructVLA's fixed one (repeat 3): a gripper the
+    model closes over several steps never fires in SimplerEnv, and fires once the change from the last
+    executed command passes 0.5 with the fix."""
+    seq = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0, 0.9, 1.0, 1.0]
+    simpler = ActionConverter("google_robot", sticky_repeat=3)
+    fixed = ActionConverter("google_robot", sticky_repeat=3, gripper_fix=True)
+    np.testing.assert_allclose([simpler.gripper(g)[0] for g in seq], [0, .2, .2, .2, .2, .2, 0, -.9, -.9, -.9])
+    np.testing.assert_allclose([fixed.gripper(g)[0] for g in seq], [0, .2, .4, .6, .6, .6, .4, -.5, -.6, -.6])
+    widowx = ActionConverter("widowx_bridge", gripper_fix=True)  # absolute: nothing to fix
+    assert [widowx.gripper(g)[0] for g in (1.0, 0.2, 0.7)] == [1.0, -1.0, 1.0]
 
 
 def test_policy_rejects_bad_checkpoints():
@@ -3056,8 +3100,14 @@ def test_presets_and_flags():
     paper = train.stage_config("distill", {"preset": "paper"})
     assert (paper.lr, paper.lambda_kd, paper.schedule, paper.backbone) == (2e-5, 0.15, "constant",
                                                                           "Qwen/Qwen2.5-VL-3B-Instruct")
+    spec, gen = (train.stage_config(s, {"preset": "paper", "data": "bridge"}) for s in ("specialist", "generalist"))
+    assert (spec.action_expert, spec.lora_rank, spec.flow_time, spec.flow_sigma_min, spec.freeze_action_head) == \
+        ("dit", 128, "beta", 1e-3, False) and gen.freeze_action_head and paper.freeze_action_head
+    assert "--env simplerenv --ensemble adaptive --sticky-repeat 10 --gripper-fix" in train.eval_commands(gen, "generalist")[0]
     demo = train.stage_config("specialist", {"steps": 7})
     assert demo.steps == 7 and demo.freeze_vlm_steps > 0 and demo.out == os.path.join("runs", "demo")
+    assert (demo.action_expert, demo.lora_rank, demo.freeze_action_head) == ("cnn", 0, False)
+    assert "--ensemble" not in train.eval_commands(train.stage_config("specialist", {"data": "bridge"}), "specialist")[0]
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     mini = train.stage_config("specialist", {"preset": "mini"})
     assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))

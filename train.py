@@ -87,9 +87,9 @@ class TrainConfig:
     chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
     flow_target: str = "velocity"   # flow head predicts: velocity (π0) | action (the clean chunk); new models only
-    flow_time: str = "uniform"      # flow loss time: uniform | beta (InstructVLA's Beta(1.5, 1) on the noisy end); new models only
+    flow_time: str = "uniform"      # flow loss time: uniform | beta (InstructVLA's Beta(1.5, 1), noisy end); new models only
     flow_sigma_min: float = 0.0     # σ_min of the flow path (InstructVLA: 1e-3); new models only
-    action_expert: str = "cnn"      # flow head: cnn (small conv + MLP, CPU-sized) | dit (InstructVLA's DINOv2 + transformer); new models only
+    action_expert: str = "cnn"      # flow head: cnn (conv + MLP, CPU-sized) | dit (InstructVLA's); new models only
     head_vision: str = ""           # dit: DINOv2 checkpoint; "" = a random tiny one under OUT/tiny_vision; new models only
     head_width: int = 256           # width of the action expert (dit: InstructVLA's 768); new models only
     head_layers: int = 2            # dit: transformer layers (InstructVLA: 12); new models only
@@ -967,6 +967,8 @@ def eval_commands(cfg, stage):
     """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
     ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
     env = "simplerenv" if cfg.data else "tabletop --state --exec-horizon 8"  # the demo model acts on its state too
+    if cfg.data and cfg.preset == "paper":  # the base model's SimplerEnv execution (InstructVLA's policies)
+        env += " --ensemble adaptive --sticky-repeat 10 --gripper-fix"
     bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
     return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
             + (" --no-reason" if stage == "specialist" else ""),
