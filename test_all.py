@@ -40,11 +40,11 @@ import train
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, MMConfig, Policy, RandomPolicy,
-                      SimConfig, adaptive_ensemble_action, add_mm_args, add_sim_args, add_table_args, anls, circular_hits, column_success,
-                      ensemble_action, episode_specs, euler_to_axangle, euler_to_quat, evaluate_mm, extract_choice,
-                      extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table, normalize_vqa_answer,
-                      ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images, run_episode, run_sim,
-                      select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
+                      SimConfig, adaptive_ensemble_action, add_mm_args, add_sim_args, add_table_args, anls,
+                      circular_hits, column_success, ensemble_action, episode_specs, euler_to_axangle, euler_to_quat,
+                      evaluate_mm, extract_choice, extract_yes_no, main_mm, main_sim, main_table, mm_prompt, mm_table,
+                      normalize_vqa_answer, ocrbench_hit, open_episode, parse_bench, quat_mul, read_tsv, row_images,
+                      run_episode, run_sim, select_rows, simpler_grid, simpler_table, sweep, tsv_path, vqa_accuracy)
 from model import (ACT, QUERY, DiTExpert, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, build_tiny_vision,
                    clean_to_velocity, flow_path, load_backbone, sample_flow_time)
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
