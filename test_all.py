@@ -3331,13 +3331,17 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
 
 
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
-    """bench.py --gpu's code path (issue #12) on a tiny model, on whatever device there is."""
+    """bench.py --gpu's code path (issue #12) on a tiny model, on whatever device there is: the paper preset's
+    regime, LoRA on the LLM and the "dit" expert frozen (generalist), and its distill step."""
+    pytest.importorskip("peft")
     import bench
     out = tmp_path / "gpu.json"
     res = bench.main(["--gpu", "--gpu-size", "tiny", "--gpu-micro", "4", "--gpu-repeats", "1", "--threads", "1",
                     "--gpu-out", str(out)])  # 1 thread: OpenMP spin-waits when the 2 cores are shared
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["params"] > res["backbone_params"] > 0
+    assert (res["action_expert"], res["lora_rank"]) == ("dit", 128) and res["expert_gflop_per_sample"] > 0
+    assert 0 < res["trainable_params"] < res["params"] - res["expert_params"]  # the expert and the base frozen
     for step in ("finetune", "distill"):
         fig = res[step]
         assert fig["micro_batch"] == 4, fig  # 3 robot frames + 1 QA sample (mm_ratio 0.25): both teachers run
