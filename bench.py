@@ -440,16 +440,17 @@ def expert_forward_flops(model, records):
 def model_flops(model, records, teachers):
     """Model FLOPs of one train step on `records` (MFU's numerator):
 
-        Σ_groups (2·N + 2·N·[gradients flow here] + 2·N_trainable) · positions     student forward + backward
-      + (2 + 2 + 2·trainable share of the expert) · expert forward · robot frames   the student's action expert
-      + 2 · N · positions over what each teacher is shown, + expert forwards       teacher forwards (distill)
+        Σ_groups (2·N + 2·N·[gradients flow here] + 2·N_trainable) · positions   student forward + backward
+      + (2 + the expert's trainable share) · F · robot frames                     the student's action expert
+      + 2 · N · positions over what each teacher is shown, + F per robot frame    teacher forwards (distill)
 
     N: the parameters applied at those positions (param_groups: LLM per token, vision per patch, merger per
     image token); backward is 2·N for the activation gradients, wherever anything at or before the group trains
     (the LLM: also the queries), plus 2·N_trainable for the weight gradients, so a full fine-tune counts 6·N
     and LoRA with a frozen vision tower 4·N on the LLM and 2·N on the vision tower (PaLM's definition without
-    attention's L² term). The expert is counted as run (expert_forward_flops): its activation gradients are
-    computed even when it is frozen, since the query states it reads train. Gradient checkpointing's
+    attention's L² term). F: the expert's forward FLOPs as run (expert_forward_flops), then F again for its
+    activation gradients, computed even when it is frozen since the query states it reads train, and F times
+    its trainable share for its weight gradients. Gradient checkpointing's
     recomputed forward is not model FLOPs. The teachers' views follow distill.dual_teacher_loss with
     kd="dual": the action teacher sees the robot frames without reasoning (its expert runs on them), the
     reasoning teacher the multimodal samples.
@@ -465,7 +466,7 @@ def model_flops(model, records, teachers):
     if expert:
         head = list(model.head.parameters())
         share = sum(p.numel() for p in head if p.requires_grad) / sum(p.numel() for p in head)
-        flops += (2 + 2 * share) * expert * len(robot)
+        flops += (2 + share) * expert * len(robot)
     if teachers:
         mm = [r for r in records if r["domain"] == "mm"]
         flops += 2 * n @ sequence_counts(model, robot, reasoning=False)[0] + expert * len(robot) if robot else 0

@@ -3330,6 +3330,25 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
             np.testing.assert_allclose(s["state"], t["state"], rtol=1e-6)
 
 
+def test_bench_model_flops_count_only_the_gradients_computed(tiny_path):
+    """Full fine-tuning: 6·N per position and 3 expert forwards; LoRA with the expert frozen: 4·N + 2·N_trainable
+    on the LLM, a forward alone on the frozen vision tower, 2 expert forwards."""
+    pytest.importorskip("peft")
+    import bench
+    m = tiny_model(tiny_path)
+    records = robot_records(3) + [mm_record()]
+    counts = bench.sequence_counts(m, records)[0]
+    expert = bench.expert_forward_flops(m, records)
+    n = bench.param_groups(m)
+    assert expert > 0 and bench.model_flops(m, records, ()) == pytest.approx(6 * n @ counts + 3 * 3 * expert)
+    cfg = train.stage_config("generalist", {"lora_rank": 4, "freeze_action_head": True})
+    train.set_vlm_trainable(train.add_lora(m, cfg), True, cfg)
+    n, n_train = bench.param_groups(m), bench.param_groups(m, trainable=True)
+    assert n_train[1] == n_train[2] == 0 and 0 < n_train[0] < n[0]
+    lora = (4 * n[0] + 2 * n_train[0]) * counts[0] + 2 * n[1] * counts[1] + 2 * n[2] * counts[2]
+    assert bench.model_flops(m, records, ()) == pytest.approx(lora + 2 * 3 * expert)
+
+
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
     """bench.py --gpu's code path (issue #12) on a tiny model, on whatever device there is: the paper preset's
     regime, LoRA on the LLM and the "dit" expert frozen (generalist), and its distill step."""
