@@ -3113,6 +3113,8 @@ def test_presets_and_flags():
     assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
+    with pytest.raises(UserError, match="DDP"):
+        train.validate(train.stage_config("specialist", {"lora_rank": 8, "fsdp": True}))
     explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
 

@@ -51,7 +51,8 @@ import prune
 import tabletop
 from data import DataError
 from distill import KD_MODES, check_teachers, dual_teacher_loss
-from model import ACT, QUERY, DualVLA, UserError, VLAConfig, build_tiny, build_tiny_vision, sample_flow_time, text_target_mask
+from model import (ACT, QUERY, DualVLA, UserError, VLAConfig, build_tiny, build_tiny_vision, sample_flow_time,
+                   text_target_mask)
 
 STAGES = ("specialist", "generalist", "prune", "distill", "all")
 PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -229,6 +230,8 @@ def validate(cfg):
             raise UserError(f"--{name.replace('_', '-')} {path}: no such file or folder")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or not 0 <= cfg.mm_ratio < 1:
         raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
+    if cfg.lora_rank and cfg.fsdp:  # fully_shard replaces the parameters, and with them add_lora's gradient hook
+        raise UserError("--lora-rank runs under DDP, not --fsdp (with LoRA the 3B model's training state fits a GPU)")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
     if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
@@ -446,9 +449,10 @@ def add_lora(model, cfg):
 
     DualVLA.save_pretrained folds a stage's adapters into the weights, so a later stage with --lora-rank trains a
     second, fresh set on top of the merged first one: a plain second LoRA where InstructVLA's stage 2 mixes the
-    two with X-LoRA (peft's XLoraConfig). X-LoRA's gating classifier costs an extra pass through the whole LLM
-    per step and hooks that InstructVLA has to strip before generating (its cleanup_xlora_pre_hooks); with the
-    action expert frozen, what matters for degeneration, the drift of the query states, is the same."""
+    two with X-LoRA (peft's XLoraConfig). X-LoRA's classifier reads the hidden states of an extra, adapter-free
+    pass through the whole LLM each step, hooked onto the model's top-level forward, which DualVLA bypasses
+    (it runs the inner model on its own embeddings), and InstructVLA strips its hooks to generate
+    (cleanup_xlora_pre_hooks). What the regime is about stays: adapters on a frozen LLM, the expert frozen."""
     if not cfg.lora_rank:
         return model
     try:
