@@ -15,6 +15,7 @@ distill step (student + two teachers resident), each as samples/s, tokens/s, MFU
 """
 import argparse
 import copy
+import dataclasses
 import gc
 import io
 import json
@@ -35,7 +36,7 @@ import distill
 import prune
 import tabletop
 import train
-from model import DualVLA, VLAConfig, build_tiny, tiny_backbone
+from model import DiTExpert, DualVLA, VLAConfig, build_tiny, merge_adapters, tiny_backbone
 
 
 @dataclass
@@ -339,6 +340,17 @@ GPU_SIZES = {
                            spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)),
     "tiny": {},  # build_tiny's defaults
 }
+# The "dit" action expert's DINOv2 by size: 3b, InstructVLA's DINOv2-L/14 with 4 registers (the paper preset's
+# facebook/dinov2-with-registers-large, random here); tiny, build_tiny_vision's, with the expert itself shrunk so
+# the CPU test takes seconds.
+EXPERT_SIZES = {
+    "3b": dict(vision=dict(model_type="dinov2_with_registers", hidden_size=1024, num_hidden_layers=24,
+                           num_attention_heads=16, intermediate_size=4096, num_register_tokens=4, patch_size=14,
+                           image_size=518, layerscale_value=1e-5)),
+    "tiny": dict(vision=dict(model_type="dinov2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=128, patch_size=14, image_size=56),
+                 head_width=64, head_layers=2, head_image_size=56),
+}
 
 # Dense bf16 tensor-core peak FLOP/s (datasheets, without sparsity); the first key found in the device
 # name wins. NVL parts are clocked below their SXM siblings: no number rather than a wrong one.
@@ -359,26 +371,45 @@ def paper_records(n_mm=32):
     return data.add_action_chunks(data.episode_records(episodes), 16), tabletop.qa_samples(123, n_mm, 224)
 
 
+def expert_config(cfg, size):
+    """The paper preset's stage config with the expert's size for `size` (tiny: a CPU-sized expert)."""
+    sizes = {k: v for k, v in EXPERT_SIZES[size].items() if k != "vision"}
+    return dataclasses.replace(cfg, **sizes)
+
+
 def paper_student(cfg, ctx, size, robot):
-    """The model train.py's specialist stage starts from (train.new_model, train.as_student), on a random
-    backbone made on the device: a 3B model's weights never touch the disk or the CPU."""
+    """The model train.py's stages train (train.new_model, add_lora, set_vlm_trainable, as_student), on a random
+    backbone and DINOv2 made on the device: a 3B model's weights never touch the disk or the CPU."""
+    from transformers import AutoConfig, AutoModel
     parts = tiny_backbone(**GPU_SIZES[size], device=ctx["device"])
-    model = train.new_model(cfg, f"random Qwen2.5-VL ({size})", robot, ("overhead_camera",), parts)
+    vision = dict(EXPERT_SIZES[size]["vision"])
+    with torch.device(ctx["device"]):
+        parts += (AutoModel.from_config(AutoConfig.for_model(vision.pop("model_type"), **vision)),)
+    model = train.new_model(cfg, f"random Qwen2.5-VL ({size})", robot, ("overhead_camera",), parts,
+                            head_vision=cfg.head_vision)
+    train.set_vlm_trainable(train.add_lora(model, cfg), True, cfg)
     return train.as_student(model, cfg, ctx)
 
 
 def paper_teacher(student, cfg, ctx):
     """A frozen teacher as train.build_models makes one (train.as_teacher: bf16 on GPU). Its weights are a
     copy of the student's: only its cost counts here."""
-    backbone = copy.deepcopy(student.backbone)
+    backbone = merge_adapters(copy.deepcopy(student.backbone))  # checkpoints hold merged weights
     backbone.gradient_checkpointing_disable()  # train.py's teachers come from checkpoints, without it
-    return train.as_teacher(DualVLA(student.config, backbone, student.tokenizer, student.image_processor), cfg, ctx)
+    vision = None
+    if isinstance(student.head, DiTExpert):
+        from transformers import AutoModel
+        with torch.device(ctx["device"]):
+            vision = AutoModel.from_config(student.head.vision_config)
+    teacher = DualVLA(student.config, backbone, student.tokenizer, student.image_processor, vision)
+    return train.as_teacher(teacher, cfg, ctx)
 
 
-def param_groups(model):
+def param_groups(model, trainable=False):
     """Parameters by the positions they are applied to: (LLM per token, vision blocks per patch, merger
-    per image token). The tied embedding / lm_head matrix counts once, as the lm_head's matmul."""
-    count = lambda m: sum(p.numel() for p in m.parameters())
+    per image token); `trainable`: only those that take gradients. The tied embedding / lm_head matrix counts
+    once, as the lm_head's matmul."""
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
     visual = model.backbone.model.visual
     return np.array([count(model.backbone) - count(visual), count(visual) - count(visual.merger),
                      count(visual.merger)], dtype=np.float64)
@@ -393,24 +424,52 @@ def sequence_counts(model, records, reasoning=True):
     return np.array([int(b["attention_mask"].sum()), patches, merged], dtype=np.float64), b["input_ids"].numel()
 
 
+def expert_forward_flops(model, records):
+    """Forward FLOPs of the action expert for one robot sample, counted by torch's FlopCounterMode (matmuls,
+    convolutions, attention): its context and one flow step, as a training forward runs them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg, dev = model.config, model.queries.device
+    b = model.to_device(model.make_batch([r for r in records if r["domain"] == "robot"][:1]))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ctx = model.head.context(torch.zeros(1, cfg.n_queries, model.queries.shape[1], device=dev),
+                                 b["head_pixels"], b["states"])
+        model.head(torch.zeros(1, cfg.chunk, cfg.action_dim, device=dev), torch.zeros(1, device=dev), ctx)
+    return counter.get_total_flops()
+
+
 def model_flops(model, records, teachers):
     """Model FLOPs of one train step on `records` (MFU's numerator):
 
-        6 · (N_llm · tokens + N_vision · patches + N_merger · image tokens)   student forward + backward
-      + 2 · (the same sum over what each teacher is shown)                   teacher forwards (distill)
+        Σ_groups (2·N + 2·N·[gradients flow here] + 2·N_trainable) · positions   student forward + backward
+      + (2 + the expert's trainable share) · F · robot frames                     the student's action expert
+      + 2 · N · positions over what each teacher is shown, + F per robot frame    teacher forwards (distill)
 
-    N: the parameters applied at those positions (param_groups); 6 = 2 forward + 4 backward per
-    parameter and position, 2 for a forward alone (PaLM's definition without attention's L² term, ~1 %
-    here). Gradient checkpointing's recomputed forward is not model FLOPs; the action expert (~0.1 GFLOP
-    a sample) is left out. The teachers' views follow distill.dual_teacher_loss with kd="dual": the
-    action teacher sees the robot frames without reasoning, the reasoning teacher the multimodal samples.
+    N: the parameters applied at those positions (param_groups: LLM per token, vision per patch, merger per
+    image token); backward is 2·N for the activation gradients, wherever anything at or before the group trains
+    (the LLM: also the queries), plus 2·N_trainable for the weight gradients, so a full fine-tune counts 6·N
+    and LoRA with a frozen vision tower 4·N on the LLM and 2·N on the vision tower (PaLM's definition without
+    attention's L² term). F: the expert's forward FLOPs as run (expert_forward_flops), then F again for its
+    activation gradients, computed even when it is frozen since the query states it reads train, and F times
+    its trainable share for its weight gradients. Gradient checkpointing's
+    recomputed forward is not model FLOPs. The teachers' views follow distill.dual_teacher_loss with
+    kd="dual": the action teacher sees the robot frames without reasoning (its expert runs on them), the
+    reasoning teacher the multimodal samples.
     """
-    n = param_groups(model)
-    flops = 6 * n @ sequence_counts(model, records)[0]
+    n, n_train = param_groups(model), param_groups(model, trainable=True)
+    flows_vision = n_train[1] > 0
+    flows_merger = flows_vision or n_train[2] > 0
+    flows_llm = flows_merger or n_train[0] > 0 or model.queries.requires_grad
+    per_position = 2 * n + 2 * n * np.array([flows_llm, flows_vision, flows_merger]) + 2 * n_train
+    flops = per_position @ sequence_counts(model, records)[0]
+    robot = [r for r in records if r["domain"] == "robot"]
+    expert = expert_forward_flops(model, records) if robot and model.head is not None else 0.0
+    if expert:
+        head = list(model.head.parameters())
+        share = sum(p.numel() for p in head if p.requires_grad) / sum(p.numel() for p in head)
+        flops += (2 + share) * expert * len(robot)
     if teachers:
-        robot = [r for r in records if r["domain"] == "robot"]
         mm = [r for r in records if r["domain"] == "mm"]
-        flops += 2 * n @ sequence_counts(model, robot, reasoning=False)[0] if robot else 0
+        flops += 2 * n @ sequence_counts(model, robot, reasoning=False)[0] + expert * len(robot) if robot else 0
         flops += 2 * n @ sequence_counts(model, mm)[0] if mm else 0
     return float(flops)
 
@@ -481,7 +540,8 @@ def gpu_figures(cfg):
                              "(--gpu-size tiny runs the same code path on the CPU)")
         torch.set_num_threads(cfg.threads)
     ctx = dict(rank=0, world=1, device=device)
-    finetune, distill_cfg = (train.stage_config(stage, dict(preset="paper")) for stage in ("generalist", "distill"))
+    finetune, distill_cfg = (expert_config(train.stage_config(stage, dict(preset="paper")), cfg.gpu_size)
+                             for stage in ("generalist", "distill"))
     robot, mm = paper_records()
     # train.py's mixture (mm_ratio of each micro-batch multimodal), at the micro-batch and its halvings
     sizes = [cfg.gpu_micro >> k for k in range(cfg.gpu_micro.bit_length())]
@@ -496,8 +556,13 @@ def gpu_figures(cfg):
                attention=student.backbone.config._attn_implementation,
                bf16_autocast=device.type == "cuda" and finetune.bf16, grad_checkpointing=finetune.grad_checkpointing,
                peak_bf16_tflops=peak / 1e12 if peak else None, repeats=cfg.gpu_repeats,
-               image_size=finetune.image_size, n_queries=finetune.n_queries, mm_ratio=finetune.mm_ratio)
-    say(f"student: {res['params'] / 1e9:.3f} B parameters, {res['attention']} attention")
+               image_size=finetune.image_size, n_queries=finetune.n_queries, mm_ratio=finetune.mm_ratio,
+               action_expert=finetune.action_expert, lora_rank=finetune.lora_rank,
+               trainable_params=sum(p.numel() for p in student.parameters() if p.requires_grad),
+               expert_params=sum(p.numel() for p in student.head.parameters()),
+               expert_gflop_per_sample=expert_forward_flops(student, robot) / 1e9)
+    say(f"student: {res['params'] / 1e9:.3f} B parameters ({res['trainable_params'] / 1e6:.1f} M trained: LoRA r "
+        f"{res['lora_rank']}, the {res['action_expert']} expert frozen), {res['attention']} attention")
     res["finetune"] = fitting_figures("finetune", train_step(student, (), opt, finetune, ctx), student, batches, (),
                                       cfg, ctx, say)
     try:
@@ -521,7 +586,10 @@ def gpu_table(res):
         v = fig.get(key)
         return "n/a" if v is None else format(v, fmt)
     rows = [f"{res['device']}, torch {res['torch']}: random Qwen2.5-VL ({res['size']}), {res['params'] / 1e9:.3f} B "
-            f"params, image {res['image_size']} px, {res['n_queries']} queries, median of {res['repeats']} steps",
+            f"params ({res['trainable_params'] / 1e6:.1f} M trained, LoRA r {res['lora_rank']}), "
+            f"{res['action_expert']} expert {res['expert_params'] / 1e6:.1f} M params, "
+            f"{res['expert_gflop_per_sample']:.1f} GFLOP forward a sample, image {res['image_size']} px, "
+            f"{res['n_queries']} queries, median of {res['repeats']} steps",
             "| step | micro-batch | s/step | samples/s | tokens/s | tokens/sample | TFLOP/step | MFU | peak GiB |",
             "|---|---|---|---|---|---|---|---|---|"]
     for step in ("finetune", "distill"):

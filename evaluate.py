@@ -48,12 +48,15 @@ class SimConfig:
     seed: int = 0                    # first tabletop seed
     max_steps: int = 0               # 0 = the env's own limit (SimplerEnv: 80 / 113 / 60 steps per task)
     exec_horizon: int = 1            # execute the first k actions of each predicted chunk
-    ensemble: bool = False           # instead: predict every step and average overlapping chunks (ACT)
-    ensemble_temp: float = 0.0       # ACT's m: w_i = exp(-m i), i = 0 the oldest; 0 = plain mean (as Octo)
+    ensemble: str = "none"           # or predict every step and average overlapping chunks: act (ACT) | adaptive (CogACT)
+    ensemble_temp: float = 0.0       # act: ACT's m: w_i = exp(-m i), i = 0 the oldest; 0 = plain mean (as Octo)
+    ensemble_horizon: int = 0        # adaptive: predictions averaged; 0 = InstructVLA's 7 (WidowX) / 2 (Google Robot)
+    ensemble_alpha: float = 0.1      # adaptive: weights exp(α · cos(prediction, newest prediction)) (CogACT's α)
     reason: bool = True              # let the model generate reasoning before acting
     state: bool = None               # give the model the robot state (observed_state); None = if it trained with state
     robot: str = ""                  # whose statistics (un)normalise; "" = the robot the task names
-    sticky_repeat: int = 15          # Google Robot gripper: hold a commanded change for this many steps
+    sticky_repeat: int = 15          # Google Robot gripper: hold a commanded change for this many steps (InstructVLA: 10)
+    gripper_fix: bool = False        # Google Robot: InstructVLA's fix of SimplerEnv's previous_gripper_action
     action_scale: float = 1.0
     frames: int = 16                 # frames kept per rollout for VLA Score
     video: bool = False              # also write a GIF of every rollout
@@ -145,6 +148,10 @@ def euler_to_axangle(roll, pitch, yaw):
     return q[1:] * (2.0 * np.arctan2(s, q[0]) / s)
 
 
+ENSEMBLES = ("none", "act", "adaptive")
+ADAPTIVE_HORIZON = {"widowx_bridge": 7, "google_robot": 2}  # InstructVLA's SimplerEnv policies
+
+
 class ActionConverter:
     """A raw action dict -> the action dict SimplerEnv's env takes (the post-processing of its wrappers):
     world_vector and axis-angle rotation times action_scale, and each robot's gripper convention.
@@ -152,13 +159,17 @@ class ActionConverter:
     widowx_bridge: absolute, +1 open / -1 close from open_gripper > 0.5.
     google_robot:  relative, previous - current open_gripper (+1 close, -1 open); a change above 0.5 is
                    repeated for `sticky_repeat` steps (SimplerEnv's "sticky gripper"), then 0 again; a
-                   change commanded meanwhile is dropped, as in SimplerEnv (InstructVLA's fork differs).
+                   change commanded meanwhile is dropped, as in SimplerEnv.
+                   SimplerEnv compares each command with the previous step's, so a gripper the model closes over
+                   a few steps never fires; `gripper_fix` (InstructVLA's SimplerEnv policies) keeps the previous
+                   command until a sticky action fires, so the change is measured from the last executed one.
     """
 
-    def __init__(self, policy_setup, sticky_repeat=15, action_scale=1.0):
+    def __init__(self, policy_setup, sticky_repeat=15, action_scale=1.0, gripper_fix=False):
         if policy_setup not in ("google_robot", "widowx_bridge"):
             raise UserError(f"policy_setup must be 'google_robot' or 'widowx_bridge', got {policy_setup!r}")
         self.policy_setup, self.sticky_repeat, self.action_scale = policy_setup, sticky_repeat, action_scale
+        self.gripper_fix = gripper_fix
         self.reset()
 
     def reset(self):
@@ -169,9 +180,10 @@ class ActionConverter:
         if self.policy_setup == "widowx_bridge":
             return 2.0 * (open_gripper > 0.5) - 1.0
         relative = np.zeros(1) if self.previous is None else self.previous - open_gripper
-        self.previous = open_gripper
+        if self.previous is None or not self.gripper_fix:
+            self.previous = open_gripper
         if abs(relative[0]) > 0.5 and not self.sticky_on:
-            self.sticky_on, self.sticky_action = True, relative
+            self.sticky_on, self.sticky_action, self.previous = True, relative, open_gripper
         if self.sticky_on:
             self.repeat += 1
             relative = self.sticky_action
@@ -200,12 +212,28 @@ def per_arm(*parts):
     return np.concatenate([np.reshape(p, (arms, -1)) for p in parts], axis=1).ravel()
 
 
-def ensemble_action(chunks, temp=0.0):
-    """ACT's temporal ensemble: chunks (oldest first), chunk i predicted n-1-i steps ago, so its row n-1-i
-    is for now; weights exp(-temp · i) favour older predictions (SimplerEnv's ActionEnsembler)."""
+def predictions_for_now(chunks):
+    """Chunks (oldest first), chunk i predicted n-1-i steps ago: each one's row for the current step, (n, A)."""
     n = len(chunks)
-    preds = np.stack([c[n - 1 - i] for i, c in enumerate(chunks)])  # (n, A)
-    w = np.exp(-temp * np.arange(n))
+    return np.stack([c[n - 1 - i] for i, c in enumerate(chunks)]).astype(np.float64)
+
+
+def ensemble_action(chunks, temp=0.0):
+    """ACT's temporal ensemble: weights exp(-temp · i), i = 0 the oldest prediction, favour older predictions
+    (SimplerEnv's ActionEnsembler)."""
+    preds = predictions_for_now(chunks)
+    w = np.exp(-temp * np.arange(len(preds)))
+    return (w[:, None] * preds).sum(0) / w.sum()
+
+
+def adaptive_ensemble_action(chunks, alpha=0.1):
+    """CogACT's adaptive ensemble (InstructVLA's SimplerEnv policies): each prediction for this step weighted by
+    exp(α · cos(prediction, newest prediction)), over the whole unnormalised action, gripper included, so
+    predictions that disagree with the newest count less."""
+    preds = predictions_for_now(chunks)
+    ref = preds[-1]
+    cos = preds @ ref / (np.linalg.norm(preds, axis=1) * np.linalg.norm(ref) + 1e-7)  # CogACT's 1e-7
+    w = np.exp(alpha * cos)
     return (w[:, None] * preds).sum(0) / w.sum()
 
 
@@ -224,9 +252,9 @@ class Policy:
     (step gets a list of images, in the checkpoint's camera order) and 7 dimensions per arm.
     """
 
-    def __init__(self, ckpt, policy_setup="google_robot", exec_horizon=1, ensemble=False, ensemble_temp=0.0,
+    def __init__(self, ckpt, policy_setup="google_robot", exec_horizon=1, ensemble="none", ensemble_temp=0.0,
                  reason=True, sticky_repeat=15, action_scale=1.0, use_state=None, device=None, env="simplerenv",
-                 robot=""):
+                 robot="", ensemble_horizon=0, ensemble_alpha=0.1, gripper_fix=False):
         self.model = ckpt if hasattr(ckpt, "predict_action") else load_policy_model(ckpt, device)
         cfg = self.model.config
         name = ckpt if isinstance(ckpt, str) else "the model"
@@ -239,34 +267,46 @@ class Policy:
                             "SimplerEnv's protocol gives one image per step")
         if not 1 <= exec_horizon <= cfg.chunk:
             raise UserError(f"--exec-horizon must be in 1..{cfg.chunk} (the checkpoint's chunk), got {exec_horizon}")
+        if ensemble not in ENSEMBLES:
+            raise UserError(f"--ensemble must be one of {', '.join(ENSEMBLES)}, got {ensemble!r}")
+        # how many predictions are averaged: ACT's, the whole chunk; CogACT's, InstructVLA's per-robot horizon
+        horizon = cfg.chunk if ensemble == "act" else ensemble_horizon or ADAPTIVE_HORIZON.get(policy_setup, 0)
+        if ensemble != "none" and not 1 <= horizon <= cfg.chunk:
+            raise UserError(f"--ensemble-horizon must be in 1..{cfg.chunk} (the checkpoint's chunk), got {horizon}")
         self.exec_horizon, self.ensemble, self.ensemble_temp = exec_horizon, ensemble, ensemble_temp
+        self.horizon, self.ensemble_alpha = horizon, ensemble_alpha
         self.robot = robot or policy_setup
         self.reason = reason
         self.use_state = bool(self.model.robot_stats(self.robot)[1]) if use_state is None else use_state
-        self.convert = ActionConverter(policy_setup, sticky_repeat, action_scale)
+        self.convert = ActionConverter(policy_setup, sticky_repeat, action_scale, gripper_fix)
         self.task_description = None
         self.reset(None)
 
     def reset(self, task_description):
         self.task_description = task_description
-        self.queue, self.history = deque(), deque(maxlen=self.model.config.chunk)
+        self.queue, self.history = deque(), deque(maxlen=max(self.horizon, 1))
         self.convert.reset()
 
     def step(self, image, task_description=None, state=None):
         if task_description is not None and task_description != self.task_description:
             self.reset(task_description)
         reasoning, n_tokens = None, 0
-        if self.ensemble or not self.queue:
+        if self.ensemble != "none" or not self.queue:
             pil = lambda im: Image.fromarray(np.asarray(im, np.uint8))
             images = [pil(im) for im in image] if isinstance(image, (list, tuple)) else pil(image)
             out = self.model.predict_action(images, self.task_description, state=state if self.use_state else None,
                                             reason=self.reason, robot=self.robot)
             reasoning, n_tokens = out["reasoning"] or None, int(out["n_tokens"])
-            if self.ensemble:
+            if self.ensemble != "none":
                 self.history.append(out["actions"])
             else:
                 self.queue.extend(out["actions"][:self.exec_horizon])
-        a = ensemble_action(self.history, self.ensemble_temp) if self.ensemble else self.queue.popleft()
+        if self.ensemble == "act":
+            a = ensemble_action(self.history, self.ensemble_temp)
+        elif self.ensemble == "adaptive":
+            a = adaptive_ensemble_action(self.history, self.ensemble_alpha)
+        else:
+            a = self.queue.popleft()
         raw_action = raw_action_dict(a, reasoning, n_tokens)
         return raw_action, self.convert(raw_action)
 
@@ -649,8 +689,13 @@ def add_sim_args(p):
     p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="cap on steps per episode (0 = the env's)")
     p.add_argument("--exec-horizon", type=int, default=d.exec_horizon, help="actions executed per predicted chunk")
-    p.add_argument("--ensemble", action="store_true", help="temporal ensembling of overlapping chunks (ACT)")
-    p.add_argument("--ensemble-temp", type=float, default=d.ensemble_temp, help="ACT's m; 0 = plain mean")
+    p.add_argument("--ensemble", nargs="?", const="act", default=d.ensemble, choices=ENSEMBLES,
+                   help="predict every step and average the overlapping chunks' actions for it: act (ACT's "
+                        "temporal ensemble; the bare flag) or adaptive (CogACT's, as InstructVLA evaluates)")
+    p.add_argument("--ensemble-temp", type=float, default=d.ensemble_temp, help="act: ACT's m; 0 = plain mean")
+    p.add_argument("--ensemble-horizon", type=int, default=d.ensemble_horizon,
+                   help="adaptive: predictions averaged (0 = 7 on WidowX, 2 on the Google Robot: InstructVLA's)")
+    p.add_argument("--ensemble-alpha", type=float, default=d.ensemble_alpha, help="adaptive: CogACT's α")
     p.add_argument("--no-reason", dest="reason", action="store_false", help="act without generating reasoning")
     p.add_argument("--state", action=argparse.BooleanOptionalAction, default=d.state,
                    help="give the model the robot state (tabletop's, or SimplerEnv's end-effector pose in the "
@@ -658,7 +703,11 @@ def add_sim_args(p):
     p.add_argument("--robot", default=d.robot,
                    help="the robot whose statistics normalise states and un-normalise actions, as the training "
                         "data named it (widowx, google_robot, tabletop); default: the one each task names")
-    p.add_argument("--sticky-repeat", type=int, default=d.sticky_repeat, help="Google Robot sticky gripper steps")
+    p.add_argument("--sticky-repeat", type=int, default=d.sticky_repeat,
+                   help="Google Robot sticky gripper steps (SimplerEnv's 15; InstructVLA's 10)")
+    p.add_argument("--gripper-fix", action="store_true",
+                   help="Google Robot: compare a gripper command with the last one that fired, not the previous "
+                        "step's (InstructVLA's fix of SimplerEnv's previous_gripper_action)")
     p.add_argument("--action-scale", type=float, default=d.action_scale)
     p.add_argument("--frames", type=int, default=d.frames, help="frames kept per rollout (VLA Score input)")
     p.add_argument("--video", action="store_true", help="write a GIF per episode")
@@ -675,7 +724,9 @@ def make_policies(cfg):
         model = load_policy_model(cfg.ckpt)
         make = lambda s: Policy(model, s, exec_horizon=cfg.exec_horizon, ensemble=cfg.ensemble,
                                 ensemble_temp=cfg.ensemble_temp, reason=cfg.reason, sticky_repeat=cfg.sticky_repeat,
-                                action_scale=cfg.action_scale, use_state=cfg.state, env=cfg.env, robot=cfg.robot)
+                                ensemble_horizon=cfg.ensemble_horizon, ensemble_alpha=cfg.ensemble_alpha,
+                                gripper_fix=cfg.gripper_fix, action_scale=cfg.action_scale, use_state=cfg.state,
+                                env=cfg.env, robot=cfg.robot)
     elif cfg.policy == "expert":
         make = ExpertPolicy
     else:

@@ -54,6 +54,11 @@ class VLAConfig:
     n_bins: int = 256               # OpenVLA's uniform bins over [-1, 1]
     flow_steps: int = 10            # Euler steps at inference
     flow_target: str = "velocity"   # the flow head predicts the velocity (π0) | the clean chunk ("action", x1-prediction)
+    flow_time: str = "uniform"      # training time t: "uniform" | "beta" (InstructVLA/π0: Beta(1.5, 1), mass near the noise)
+    flow_sigma_min: float = 0.0     # σ_min of the conditional flow path (InstructVLA: 1e-3); 0 = rectified flow
+    action_expert: str = "cnn"      # flow head: "cnn" (small conv + MLP, CPU-sized) | "dit" (InstructVLA's transformer)
+    head_vision: str = ""           # "dit": DINOv2 checkpoint (hub name or folder) of the expert's image encoder
+    head_layers: int = 2            # "dit": transformer layers (InstructVLA: 12, width 768)
     image_size: int = 224           # robot frames' VLM input side, a multiple of 28 (patch 14 × merge 2)
     min_pixels: int = 0             # multimodal images keep their size within [min_pixels, max_pixels] on the
     max_pixels: int = 0             #   backbone's grid (Qwen2-VL's native resolution); 0 = the backbone's own bound
@@ -68,6 +73,12 @@ class VLAConfig:
             raise UserError(f"action_head must be 'flow' or 'tokens', got {self.action_head!r}")
         if self.flow_target not in ("velocity", "action"):
             raise UserError(f"flow_target must be 'velocity' or 'action', got {self.flow_target!r}")
+        if self.flow_time not in ("uniform", "beta"):
+            raise UserError(f"flow_time must be 'uniform' or 'beta', got {self.flow_time!r}")
+        if self.action_expert not in ("cnn", "dit"):
+            raise UserError(f"action_expert must be 'cnn' or 'dit', got {self.action_expert!r}")
+        if self.action_expert == "dit" and not self.head_vision and self.action_head == "flow":
+            raise UserError("action_expert 'dit' needs head_vision: a DINOv2 checkpoint (model.build_tiny_vision)")
         if self.chunk == 0:
             self.chunk = 16 if self.action_head == "flow" else 1
         if self.image_size % 28:
@@ -119,6 +130,30 @@ class ImageEncoder(nn.Module):
         return self.out(self.keypoints(x))  # (B, width)
 
 
+def sample_flow_time(n, cfg, generator=None):
+    """Training times of the flow loss, t in [0, 1): t = 0 is pure noise, t = 1 the action chunk.
+
+    "beta" is InstructVLA's, after π0: t = 0.999 · (1 − z), z ~ Beta(1.5, 1), which puts the mass on the
+    NOISY end (density ∝ √(1 − t/0.999)). π0 runs time the other way (t = 1 is noise) and draws t = 0.999·z + 0.001:
+    the same emphasis. z = u^(2/3) inverts Beta(1.5, 1)'s CDF z^1.5, so one seeded uniform draw gives t."""
+    u = torch.rand(n, generator=generator)
+    return u if cfg.flow_time == "uniform" else 0.999 * (1 - u ** (2 / 3))
+
+
+def flow_path(x1, noise, t, sigma_min):
+    """InstructVLA's conditional flow (Lipman et al.): x_t = t·x1 + (1 − (1 − σ_min)·t)·x0 and its velocity
+    x1 − (1 − σ_min)·x0; σ_min = 0 is the rectified flow. (B, chunk, A) ×2, (B,) -> x_t, velocity."""
+    tt = t[:, None, None]
+    return tt * x1 + (1 - (1 - sigma_min) * tt) * noise, x1 - (1 - sigma_min) * noise
+
+
+def clean_to_velocity(x1_hat, x_t, t, sigma_min):
+    """The velocity implied by a predicted clean chunk x̂1 at (x_t, t): solve flow_path for x0, then x1 − (1 − σ)·x0."""
+    tt = t[:, None, None]
+    x0 = (x_t - tt * x1_hat) / (1 - (1 - sigma_min) * tt)
+    return x1_hat - (1 - sigma_min) * x0
+
+
 def time_embedding(t, dim):
     """Sinusoidal embedding of the flow time t in [0, 1]: (B,) -> (B, dim)."""
     freqs = torch.exp(-math.log(1000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
@@ -144,6 +179,7 @@ class ActionExpert(nn.Module):
         self.out = nn.Linear(w, n_act)
         self.locate = nn.Linear(w, 2)  # grounding probe on the first camera's features (the ground term)
         self.chunk, self.action_dim, self.width, self.target = cfg.chunk, cfg.action_dim, w, cfg.flow_target
+        self.sigma_min = cfg.flow_sigma_min
 
     def context(self, query_states, head_pixels, state):
         """Everything the velocity depends on except (x_t, t): computed once per prediction."""
@@ -164,7 +200,106 @@ class ActionExpert(nn.Module):
     def velocity(self, x_t, t, ctx):
         """The flow's velocity at (x_t, t), whichever target the head predicts (t < 1)."""
         pred = self(x_t, t, ctx)
-        return pred if self.target == "velocity" else (pred - x_t) / (1 - t)[:, None, None]
+        return pred if self.target == "velocity" else clean_to_velocity(pred, x_t, t, self.sigma_min)
+
+
+class DiTExpert(nn.Module):
+    """InstructVLA's action expert (its `ActionModelWithState`, vla/action_head.py): a DINOv2 image encoder
+    FiLM-modulated by the mean query state, then a transformer over one sequence,
+
+        [image tokens ×P | projected query states ×Q | state token | noisy actions ×chunk + time]
+            ──► transformer ──► the action tokens, flattened ──► MLP ──► velocity or x̂1 (chunk, A)
+
+    with InstructVLA's block-causal mask (image tokens see images; queries and state see images, queries and
+    state; action tokens see everything). The transformer is torch's pre-norm encoder where InstructVLA uses a
+    12-layer, 768-wide Llama from config; learned positions on the action tokens replace Llama's RoPE. The
+    image tokens are the second-to-last DINOv2 layer's patch tokens (OpenVLA's FiLM backbone takes that layer;
+    InstructVLA's copy passes an int where the set is meant and so reads an early layer). Dropout is 0.
+    Same interface as ActionExpert: context once per prediction, then velocity per Euler step.
+    """
+
+    def __init__(self, cfg: VLAConfig, hidden_size: int, vision=None):
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoModel
+        if vision is None:
+            try:
+                vision = AutoModel.from_pretrained(cfg.head_vision)
+                proc = AutoImageProcessor.from_pretrained(cfg.head_vision)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load head_vision {cfg.head_vision!r}: {str(e).splitlines()[0]}") from None
+            mean, std = proc.image_mean, proc.image_std
+        else:  # from_pretrained: architecture from the checkpoint, weights and statistics loaded after
+            mean, std = [0.0] * 3, [1.0] * 3
+        if len(cfg.cameras) != 1:
+            raise UserError("action_expert 'dit' takes one camera (InstructVLA's SimplerEnv setting)")
+        # Only what is used: the embeddings and all layers but the last (no final norm), so every parameter is
+        # in the graph (DDP); the mask token serves DINOv2's masked pretraining only.
+        self.embeddings, self.layers = vision.embeddings, vision.encoder.layer[:-1]
+        self.embeddings.mask_token = None
+        self.vision_config, vis = vision.config, vision.config.hidden_size
+        w, A = cfg.head_width, cfg.action_dim
+        # DINOv2 normalisation, applied to head pixels given in [-0.5, 0.5] (make_batch's convention)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
+        self.n_prefix = 1 + getattr(vision.config, "num_register_tokens", 0)  # CLS (+ registers) dropped
+        self.film = nn.ModuleList(nn.Linear(hidden_size, 2 * vis) for _ in self.layers)
+        for f in self.film:  # identity at the start: the pretrained features pass through unchanged
+            nn.init.zeros_(f.weight), nn.init.zeros_(f.bias)
+        self.visual_proj = nn.Sequential(nn.Linear(vis, w), nn.SiLU(), nn.Linear(w, w))
+        self.query_proj = nn.Sequential(nn.Linear(hidden_size, w), nn.SiLU(), nn.Linear(w, w))
+        self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.action_in = nn.Linear(A, w)
+        self.action_time = nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, w))
+        self.action_pos = nn.Parameter(torch.randn(cfg.chunk, w) * 0.02)
+        layer = nn.TransformerEncoderLayer(w, max(1, w // 64), 4 * w, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, cfg.head_layers, norm=nn.LayerNorm(w),
+                                                 enable_nested_tensor=False)
+        n = cfg.chunk * w  # InstructVLA's head: the action tokens flattened, then a 4-layer MLP
+        self.out = nn.Sequential(nn.Linear(n, 4 * w), nn.SiLU(), nn.Linear(4 * w, 2 * w), nn.SiLU(),
+                                 nn.Linear(2 * w, w // 2), nn.SiLU(), nn.Linear(w // 2, cfg.chunk * A))
+        self.locate = nn.Linear(w, 2)  # grounding probe on the mean image token (the ground term)
+        self.chunk, self.action_dim, self.width, self.target = cfg.chunk, A, w, cfg.flow_target
+        self.sigma_min = cfg.flow_sigma_min
+        self.n_image = (cfg.head_image_size // vision.config.patch_size) ** 2
+
+    def image_tokens(self, pixels, cond):
+        """DINOv2 with FiLM after each layer's attention (x·(1 + γ) + β, γ, β from the mean query state)."""
+        x = self.embeddings((pixels + 0.5 - self.pixel_mean) / self.pixel_std)  # (B, prefix + P, vis)
+        for layer, film in zip(self.layers, self.film):
+            gamma, beta = film(cond)[:, None].chunk(2, dim=-1)
+            x = x + layer.drop_path(layer.layer_scale1(layer.attention(layer.norm1(x))[0]))
+            x = x * (1 + gamma) + beta
+            x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+        return x[:, self.n_prefix:]                                                    # (B, P, vis)
+
+    def context(self, query_states, head_pixels, state):
+        """The prefix tokens [images, queries, state]: (B, P + Q + 1, w), once per prediction."""
+        qs = query_states.float()
+        images = self.visual_proj(self.image_tokens(head_pixels[:, 0], qs.mean(1)))
+        return torch.cat([images, self.query_proj(qs), self.state_proj(state)[:, None]], dim=1)
+
+    def target_xy(self, ctx):
+        """Where the image tokens put the object of the current subtask: (B, 2) in [-1, 1]."""
+        return self.locate(ctx[:, :self.n_image].mean(1))
+
+    def forward(self, x_t, t, ctx):  # (B, chunk, A), (B,), (B, P+Q+1, w) -> (B, chunk, A): velocity or x̂1
+        B, n_ctx = ctx.shape[0], ctx.shape[1]
+        time = time_embedding(t, self.width)[:, None].expand(-1, self.chunk, -1)
+        actions = self.action_time(torch.cat([time, self.action_in(x_t)], dim=-1)) + self.action_pos
+        seq = torch.cat([ctx, actions], dim=1)
+        L = seq.shape[1]
+        blocked = torch.ones(L, L, dtype=torch.bool, device=seq.device)  # True = may not attend
+        blocked[:self.n_image, :self.n_image] = False
+        blocked[self.n_image:n_ctx, :n_ctx] = False
+        blocked[n_ctx:] = False
+        h = self.transformer(seq, mask=blocked)[:, n_ctx:]                              # (B, chunk, w)
+        return self.out(h.flatten(1)).view(B, self.chunk, self.action_dim)
+
+    def velocity(self, x_t, t, ctx):
+        """The flow's velocity at (x_t, t), whichever target the head predicts (t < 1)."""
+        pred = self(x_t, t, ctx)
+        return pred if self.target == "velocity" else clean_to_velocity(pred, x_t, t, self.sigma_min)
 
 
 # ----------------------------------------------------------------------------- the VLA
@@ -194,7 +329,8 @@ def text_target_mask(batch):
 
 class DualVLA(nn.Module):
 
-    def __init__(self, config: VLAConfig, backbone=None, tokenizer=None, image_processor=None):
+    def __init__(self, config: VLAConfig, backbone=None, tokenizer=None, image_processor=None, head_vision=None):
+        """`head_vision`: an already built DINOv2 for the "dit" expert (from_pretrained's), else config.head_vision's."""
         super().__init__()
         if backbone is None:
             backbone, tokenizer, image_processor = load_backbone(config.backbone)
@@ -210,7 +346,8 @@ class DualVLA(nn.Module):
         self.bin_ids = torch.tensor(tokenizer.convert_tokens_to_ids(bins))
         hidden = backbone.config.get_text_config().hidden_size
         self.queries = nn.Parameter(torch.randn(config.n_queries, hidden) * 0.02)
-        self.head = ActionExpert(config, hidden) if config.action_head == "flow" else None
+        self.head = None if config.action_head != "flow" else (
+            DiTExpert(config, hidden, head_vision) if config.action_expert == "dit" else ActionExpert(config, hidden))
         self.norm_stats = {}
         # the vision grid: patch 14 × merge 2 = 28 px per image token for Qwen2/2.5-VL, 16 × 2 = 32 for Qwen3-VL
         self.merge = image_processor.merge_size
@@ -430,11 +567,11 @@ class DualVLA(nn.Module):
             ctx = self.head.context(qs, batch["head_pixels"], batch["states"])
             x1 = batch["actions"]
             noise = torch.randn_like(x1) if noise is None else noise
-            t = torch.rand(x1.shape[0], device=h.device) if t is None else t
-            x_t = t[:, None, None] * x1 + (1 - t[:, None, None]) * noise      # rectified-flow path
+            t = sample_flow_time(x1.shape[0], self.config).to(h.device) if t is None else t
+            x_t, velocity = flow_path(x1, noise, t, self.config.flow_sigma_min)
             pred = self.head(x_t, t, ctx)
             mask = batch["action_mask"][..., None].float()
-            target = x1 - noise if self.config.flow_target == "velocity" else x1  # velocity x1 - x0, or x1
+            target = velocity if self.config.flow_target == "velocity" else x1
             se = ((pred - target) ** 2 * mask).sum()
             gm = batch["ground_mask"][:, None].float()
             ground = ((self.head.target_xy(ctx) - batch["ground"]) ** 2 * gm).sum()
@@ -530,14 +667,19 @@ class DualVLA(nn.Module):
     # ---- checkpoints
 
     def save_pretrained(self, path):
-        """config.json, model.safetensors, backbone_config.json, tokenizer, image processor; atomic."""
+        """config.json, model.safetensors, backbone_config.json, tokenizer, image processor; atomic.
+        LoRA adapters (train.py's --lora-rank) are first folded into their weights, in place: the checkpoint
+        holds a plain model with the same outputs, which loads without peft."""
         from safetensors.torch import save_model
+        merge_adapters(self)
         tmp = f"{path.rstrip('/')}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dict(asdict(self.config), norm_stats=self.norm_stats), f, indent=1)
         self.backbone.config.to_json_file(os.path.join(tmp, "backbone_config.json"))
+        if isinstance(self.head, DiTExpert):  # its DINOv2's architecture; the weights are in model.safetensors
+            self.head.vision_config.to_json_file(os.path.join(tmp, "head_vision_config.json"))
         self.tokenizer.save_pretrained(tmp)
         self.image_processor.save_pretrained(tmp)
         save_model(self, os.path.join(tmp, "model.safetensors"))
@@ -562,10 +704,24 @@ class DualVLA(nn.Module):
         cfg = VLAConfig(**{k: v for k, v in saved.items() if k in known})
         bb_cfg = AutoConfig.from_pretrained(os.path.join(path, "backbone_config.json"))
         backbone = AutoModelForImageTextToText.from_config(bb_cfg, dtype=dtype)
-        model = cls(cfg, backbone, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+        vision = None
+        if cfg.action_head == "flow" and cfg.action_expert == "dit":
+            from transformers import AutoModel
+            vision = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "head_vision_config.json")))
+        model = cls(cfg, backbone, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
+                    vision)
         load_model(model, os.path.join(path, "model.safetensors"))
         model.norm_stats = norm_stats
         return model
+
+
+def merge_adapters(model):
+    """Fold peft's LoRA layers into their base layers, in place (W + scale·B·A; outputs equal up to rounding)."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):  # a peft LoraLayer
+            module.merge()
+            model.set_submodule(name, module.get_base_layer())
+    return model
 
 
 class _AllowOnly:
@@ -649,3 +805,17 @@ def tiny_backbone(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vi
     with torch.device(device or "cpu"):
         model = AutoModelForImageTextToText.from_config(cfg)
     return model, tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=448 * 448)
+
+
+def build_tiny_vision(path, hidden=32, layers=2, heads=2, seed=0):
+    """A random tiny DINOv2 (config, weights, image processor with DINOv2's ImageNet statistics) saved as an HF
+    folder: the "dit" expert's head_vision for the tests and the CPU demo, offline."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                     intermediate_size=4 * hidden, patch_size=14, image_size=56))
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return path

@@ -44,10 +44,11 @@ from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm,
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, Policy, RandomPolicy, SimConfig,
-                      add_sim_args, add_table_args, column_success, ensemble_action, episode_specs, euler_to_axangle,
-                      euler_to_quat, main_sim, main_table, open_episode, quat_mul, run_episode, run_sim, simpler_grid,
-                      simpler_table, sweep)
-from model import ACT, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, load_backbone
+                      adaptive_ensemble_action, add_sim_args, add_table_args, column_success, ensemble_action,
+                      episode_specs, euler_to_axangle, euler_to_quat, main_sim, main_table, open_episode, quat_mul,
+                      run_episode, run_sim, simpler_grid, simpler_table, sweep)
+from model import (ACT, QUERY, DiTExpert, DualVLA, ImageEncoder, UserError, VLAConfig, build_tiny, build_tiny_vision,
+                   clean_to_velocity, flow_path, load_backbone, sample_flow_time)
 from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode, make, qa_samples,
                       write_benchmarks)
 
@@ -298,6 +299,155 @@ def test_predict_action_finite(tiny_path, head):
     assert np.abs(out["actions"][:, :6]).max() <= 0.05 + 1e-5   # unnormalised back into robot units
     answers = m.generate_answers([[gray], [gray]], ["What colour is the can?", "How many?"], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+# ---- the InstructVLA-style "dit" expert
+
+@pytest.fixture(scope="module")
+def tiny_vision_path(tmp_path_factory):
+    return build_tiny_vision(str(tmp_path_factory.mktemp("dino")))
+
+
+def dit_model(tiny_path, tiny_vision_path, **kw):
+    torch.manual_seed(0)
+    return DualVLA(VLAConfig(backbone=tiny_path, action_expert="dit", head_vision=tiny_vision_path, image_size=56,
+                             head_image_size=28, head_width=64, flow_time="beta", flow_sigma_min=1e-3, **kw))
+
+
+def test_dit_expert_acts_trains_and_round_trips(tiny_path, tiny_vision_path, tmp_path):
+    m = dit_model(tiny_path, tiny_vision_path)
+    assert isinstance(m.head, DiTExpert) and len(m.head.layers) == 1  # the tiny DINOv2's 2 layers, less the last
+    m.set_action_stats(data.action_stats(np.random.default_rng(0).normal(size=(50, 7))))
+    out = m(m.make_batch(robot_records(2)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    for name in ("layers.0.mlp.fc1.weight", "film.0.weight", "transformer.layers.0.linear1.weight", "out.6.weight"):
+        assert m.head.get_parameter(name).grad.abs().sum() > 0, name  # the whole expert learns, DINOv2 included
+    m.eval()
+    img = robot_records(1)[0]["image"]
+    torch.manual_seed(4)
+    pa = m.predict_action(img, "pick up the red can", state=np.ones(7, np.float32), reason=False)
+    assert pa["actions"].shape == (16, 7) and np.isfinite(pa["actions"]).all()
+    m2 = DualVLA.from_pretrained(m.save_pretrained(str(tmp_path / "ck"))).eval()
+    assert m2.config == m.config and torch.equal(m2.head.pixel_std, m.head.pixel_std)
+    torch.manual_seed(4)
+    pb = m2.predict_action(img, "pick up the red can", state=np.ones(7, np.float32), reason=False)
+    assert np.array_equal(pa["actions"], pb["actions"])
+
+
+def test_dit_image_tokens_are_dinov2_until_film_learns(tiny_path, tiny_vision_path):
+    """FiLM starts as the identity, so the tokens are DINOv2's own second-to-last layer; then the queries steer them."""
+    from transformers import AutoModel
+    m = dit_model(tiny_path, tiny_vision_path)
+    dino = AutoModel.from_pretrained(tiny_vision_path).eval()
+    pixels = torch.rand(2, 3, 28, 28) - 0.5
+    cond = torch.randn(2, m.backbone.config.get_text_config().hidden_size)
+    ref = dino(pixel_values=(pixels + 0.5 - m.head.pixel_mean) / m.head.pixel_std, output_hidden_states=True)
+    ours = m.head.image_tokens(pixels, cond)
+    assert ours.shape == (2, 4, 32) and torch.allclose(ours, ref.hidden_states[-2][:, 1:], atol=1e-5)
+    torch.nn.init.normal_(m.head.film[0].weight)
+    steered = m.head.image_tokens(pixels, cond)
+    assert not torch.allclose(steered, ours, atol=1e-3)
+    assert not torch.allclose(steered[0], m.head.image_tokens(pixels, cond.flip(0))[1], atol=1e-3)
+
+
+def test_dit_action_tokens_read_images_queries_state_and_each_other(tiny_path, tiny_vision_path):
+    m = dit_model(tiny_path, tiny_vision_path).eval()
+    ctx = torch.randn(1, m.head.n_image + m.config.n_queries + 1, 64)
+    x, t = torch.randn(1, 16, 7), torch.full((1,), 0.3)
+    base = m.head(x, t, ctx)
+    for k in (0, m.head.n_image, ctx.shape[1] - 1):  # an image token, a query, the state token
+        moved = ctx.clone()
+        moved[0, k] += torch.randn(64)  # not a constant shift: LayerNorm removes those
+        assert not torch.allclose(m.head(x, t, moved), base)
+    x2 = x.clone()
+    x2[0, 5] += torch.randn(7)
+    assert not torch.allclose(m.head(x2, t, ctx)[0, 0], base[0, 0])  # actions attend to each other (and positions)
+
+
+def test_flow_time_beta_matches_beta_1_5_1_on_the_noisy_end():
+    """t = 0.999·(1 − z), z ~ Beta(1.5, 1): P(t ≤ u) = 1 − (1 − u/0.999)^1.5, mean 0.999 · 0.4."""
+    g = torch.Generator().manual_seed(0)
+    t = sample_flow_time(400_000, VLAConfig(flow_time="beta"), generator=g).double()
+    assert t.min() >= 0 and t.max() < 0.999
+    assert abs(t.mean().item() - 0.999 * 0.4) < 2e-3
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        analytic = 0.999 * (1 - (1 - q) ** (2 / 3))
+        assert abs(torch.quantile(t[:100_000], q).item() - analytic) < 5e-3, q
+    assert (t < 0.5).float().mean() > 0.6  # more noisy than clean times (0.5 for uniform)
+    u = sample_flow_time(100_000, VLAConfig(), generator=torch.Generator().manual_seed(0))
+    assert abs(u.mean().item() - 0.5) < 5e-3 and abs((u < 0.5).float().mean().item() - 0.5) < 5e-3
+    again = sample_flow_time(5, VLAConfig(flow_time="beta"), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, sample_flow_time(5, VLAConfig(flow_time="beta"), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(UserError, match="flow_time"):
+        VLAConfig(flow_time="logit")
+
+
+def test_flow_path_with_sigma_min_and_its_clean_chunk_inverse():
+    x1, x0 = torch.randn(3, 16, 7), torch.randn(3, 16, 7)
+    s = 1e-3
+    x_t, v = flow_path(x1, x0, torch.tensor([0.0, 0.4, 1.0]), s)
+    assert torch.equal(x_t[0], x0[0]) and torch.allclose(x_t[2], x1[2] + s * x0[2])  # noise at t = 0, σ_min-blurred data at 1
+    assert torch.allclose(v, x1 - (1 - s) * x0)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t, v = flow_path(x1, x0, t, s)
+    dt = 1e-3  # the velocity is the path's time derivative
+    assert torch.allclose((flow_path(x1, x0, t + dt, s)[0] - x_t) / dt, v, atol=1e-3)
+    assert torch.allclose(clean_to_velocity(x1, x_t, t, s), v, atol=1e-5)
+
+
+# ---- the base model's regime: LoRA in the robot stage, the action expert frozen in the generalist stage
+
+def test_lora_robot_stage_trains_only_adapters_new_token_rows_queries_and_head(tiny_path):
+    pytest.importorskip("peft")
+    m = tiny_model(tiny_path)
+    cfg = train.stage_config("specialist", {"lora_rank": 4, "weight_decay": 0.1, "lr": 1e-2, "warmup_steps": 0})
+    train.add_lora(m, cfg)
+    train.set_vlm_trainable(m, True, cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = train.make_optimizer(m, cfg)
+    for step in range(3):
+        m(m.make_batch(robot_records(4, seed=step) + [mm_record()]))["loss"].backward()
+        train.optimizer_step(m, opt, cfg)
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    emb = "backbone.model.language_model.embed_tokens.weight"
+    allowed = lambda k: "lora_" in k or k == emb or k == "queries" or k.startswith("head.") or k == "backbone.lm_head.weight"
+    assert changed and all(map(allowed, changed)), sorted(k for k in changed if not allowed(k))
+    assert any("lora_B" in k for k in changed) and "queries" in changed and any(k.startswith("head.") for k in changed)
+    new = torch.zeros(len(after[emb]), dtype=torch.bool)
+    new[[m.ids[ACT], m.ids[QUERY]] + m.bin_ids.tolist()] = True
+    assert torch.equal(before[emb][~new], after[emb][~new])          # the old tokens' rows: untouched, decay included
+    assert not torch.equal(before[emb][m.ids[ACT]], after[emb][m.ids[ACT]])  # <|act|> is a target: its row learns
+    assert not any(k.startswith("backbone.model.visual") for k in changed)
+
+
+def test_lora_checkpoint_is_merged_and_gives_the_same_outputs(tiny_path, tmp_path):
+    pytest.importorskip("peft")
+    m = tiny_model(tiny_path)
+    batch = m.make_batch(robot_records(2) + [mm_record()])
+    m.eval()
+    with torch.no_grad():
+        plain = m(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))["logits"]
+    train.add_lora(m, train.stage_config("specialist", {"lora_rank": 4}))
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapters matter
+    m.eval()
+    with torch.no_grad():
+        adapted = m(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))
+        m2 = DualVLA.from_pretrained(m.save_pretrained(str(tmp_path / "ck"))).eval()
+        loaded = m2(batch, noise=torch.zeros(2, 16, 7), t=torch.full((2,), 0.5))
+    assert not torch.allclose(adapted["logits"], plain, atol=1e-3)
+    assert torch.allclose(loaded["logits"], adapted["logits"], atol=1e-4)
+    assert torch.allclose(loaded["flow_pred"], adapted["flow_pred"], atol=1e-4)
+    assert not any("lora_" in k for k in load_file(str(tmp_path / "ck" / "model.safetensors")))
+
+
+def test_lora_without_peft_is_a_one_line_user_error(tiny_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with pytest.raises(UserError, match="pip install peft"):
+        train.add_lora(tiny_model(tiny_path), train.stage_config("specialist", {"lora_rank": 4}))
 
 
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
@@ -1835,7 +1985,7 @@ def test_policy_executes_first_k_of_each_chunk():
 
 def test_policy_temporal_ensemble():
     model = FakeModel()
-    pol = Policy(model, "widowx_bridge", ensemble=True)
+    pol = Policy(model, "widowx_bridge", ensemble="act")
     pol.reset("t")
     image = np.zeros((8, 8, 3), np.uint8)
     xs = [pol.step(image, "t")[0]["world_vector"][0] for _ in range(6)]
@@ -1843,6 +1993,50 @@ def test_policy_temporal_ensemble():
     expected = [np.mean([10 * c + (t - c) for c in range(max(0, t - 3), t + 1)]) for t in range(6)]
     np.testing.assert_allclose(xs, expected)
     assert len(model.calls) == 6
+
+
+def test_adaptive_ensemble_hand_computed():
+    """CogACT's weights exp(α · cos(p_i, newest)) on each chunk's row for now: 0, 1/√2 and 1 here."""
+    chunks = [np.zeros((4, 7)) for _ in range(3)]
+    chunks[0][2, 0] = 2.0                       # oldest, predicted 2 steps ago: (2, 0), orthogonal to the newest
+    chunks[1][1, :2] = 1.0                      # (1, 1): 45° from the newest
+    chunks[2][0, 1] = 3.0                       # newest: (0, 3)
+    w = np.array([1.0, 1.0733, 1.1052])         # e^0, e^(0.1/√2), e^0.1, to 4 decimals
+    expected = np.zeros(7)
+    expected[:2] = (w[0] * np.array([2, 0]) + w[1] * np.array([1, 1]) + w[2] * np.array([0, 3])) / w.sum()
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks, 0.1), expected, atol=1e-4)
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks, 0.0), ensemble_action(chunks, 0.0))  # α 0: the mean
+    np.testing.assert_allclose(adaptive_ensemble_action(chunks[:1]), np.zeros(7))  # one all-zero prediction
+
+
+def test_policy_adaptive_ensemble_uses_the_per_robot_horizon():
+    pols = {s: Policy(FakeModel(chunk=16), s, ensemble="adaptive") for s in ("widowx_bridge", "google_robot")}
+    assert (pols["widowx_bridge"].horizon, pols["google_robot"].horizon) == (7, 2)
+    image = np.zeros((8, 8, 3), np.uint8)
+    for setup, pol in pols.items():
+        pol.reset("t")
+        xs = [pol.step(image, "t")[0]["world_vector"][0] for _ in range(10)]
+        for t in (0, 5, 9):  # rows 10c + (t - c) of the last `horizon` calls, weighted as CogACT does
+            calls = range(max(0, t - pol.horizon + 1), t + 1)
+            chunks = [np.repeat((10.0 * c + np.arange(16))[:, None], 7, 1) for c in calls]
+            for ch in chunks:
+                ch[:, 3:6] = 0
+            assert xs[t] == pytest.approx(adaptive_ensemble_action(chunks, 0.1)[0]), (setup, t)
+    with pytest.raises(UserError, match="ensemble-horizon"):
+        Policy(FakeModel(chunk=4), "widowx_bridge", ensemble="adaptive")  # 7 > the chunk
+
+
+def test_sticky_gripper_with_instructvla_fix_on_a_scripted_sequence():
+    """The same commands through SimplerEnv's converter and InstructVLA's fixed one (repeat 3): a gripper the
+    model closes over several steps never fires in SimplerEnv, and fires once the change from the last
+    executed command passes 0.5 with the fix."""
+    seq = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0, 0.9, 1.0, 1.0]
+    simpler = ActionConverter("google_robot", sticky_repeat=3)
+    fixed = ActionConverter("google_robot", sticky_repeat=3, gripper_fix=True)
+    np.testing.assert_allclose([simpler.gripper(g)[0] for g in seq], [0, .2, .2, .2, .2, .2, 0, -.9, -.9, -.9])
+    np.testing.assert_allclose([fixed.gripper(g)[0] for g in seq], [0, .2, .4, .6, .6, .6, .4, -.5, -.6, -.6])
+    widowx = ActionConverter("widowx_bridge", gripper_fix=True)  # absolute: nothing to fix
+    assert [widowx.gripper(g)[0] for g in (1.0, 0.2, 0.7)] == [1.0, -1.0, 1.0]
 
 
 def test_policy_rejects_bad_checkpoints():
@@ -2941,6 +3135,25 @@ def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsy
     assert summary(out, "distill")["steps"] == 2
 
 
+def test_generalist_with_frozen_action_head_keeps_the_specialists_expert(base_run, tmp_path):
+    """The base model's regime from the command line, on the "dit" expert: the specialist (built first, with LoRA)
+    trains its expert; the generalist with --freeze-action-head leaves it bit for bit, while its LLM moves."""
+    pytest.importorskip("peft")
+    out = fresh_run(base_run, tmp_path)
+    train.main(["--stage", "generalist", "--out", out, "--freeze-action-head", "--lora-rank", "4",
+                "--action-expert", "dit", "--head-image-size", "28", "--head-width", "64", "--flow-time", "beta",
+                "--flow-sigma-min", "0.001"] + flags(steps=2, ckpt_every=2, freeze_vlm_steps=0))
+    spec, gen = (load_file(os.path.join(out, s, "model", "model.safetensors")) for s in ("specialist", "generalist"))
+    tiny = load_file(os.path.join(out, "tiny", "model.safetensors"))
+    head = [k for k in spec if k.startswith("head.")]
+    assert any(k.startswith("head.layers.0.") for k in head) and all(torch.equal(spec[k], gen[k]) for k in head)
+    q = "backbone.model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(spec[q], gen[q])                            # the generalist's adapters, merged
+    assert not torch.equal(spec[q], tiny["model.layers.0.self_attn.q_proj.weight"])  # and the specialist's
+    cfg = json.load(open(os.path.join(out, "generalist", "model", "config.json")))
+    assert (cfg["action_expert"], cfg["flow_time"], cfg["flow_sigma_min"]) == ("dit", "beta", 0.001)
+
+
 def test_torchrun_two_processes_match_one(base_run, tmp_path):
     """gloo, 2 ranks vs 1 process with the same global batch (as 2 accumulated micro-batches): the same
     loss curve, through the VLM unfreezing at step 2 (specialist) and multimodal mixing (generalist)."""
@@ -3107,13 +3320,21 @@ def test_presets_and_flags():
     paper = train.stage_config("distill", {"preset": "paper"})
     assert (paper.lr, paper.lambda_kd, paper.schedule, paper.backbone) == (2e-5, 0.15, "constant",
                                                                           "Qwen/Qwen2.5-VL-3B-Instruct")
+    spec, gen = (train.stage_config(s, {"preset": "paper", "data": "bridge"}) for s in ("specialist", "generalist"))
+    assert (spec.action_expert, spec.lora_rank, spec.flow_time, spec.flow_sigma_min, spec.freeze_action_head) == \
+        ("dit", 128, "beta", 1e-3, False) and gen.freeze_action_head and paper.freeze_action_head
+    assert "--env simplerenv --ensemble adaptive --sticky-repeat 10 --gripper-fix" in train.eval_commands(gen, "generalist")[0]
     demo = train.stage_config("specialist", {"steps": 7})
     assert demo.steps == 7 and demo.freeze_vlm_steps > 0 and demo.out == os.path.join("runs", "demo")
+    assert (demo.action_expert, demo.lora_rank, demo.freeze_action_head) == ("cnn", 0, False)
+    assert "--ensemble" not in train.eval_commands(train.stage_config("specialist", {"data": "bridge"}), "specialist")[0]
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     mini = train.stage_config("specialist", {"preset": "mini"})
     assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
+    with pytest.raises(UserError, match="DDP"):
+        train.validate(train.stage_config("specialist", {"lora_rank": 8, "fsdp": True}))
     explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
 
@@ -3331,14 +3552,37 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
             np.testing.assert_allclose(s["state"], t["state"], rtol=1e-6)
 
 
+def test_bench_model_flops_count_only_the_gradients_computed(tiny_path):
+    """Full fine-tuning: 6·N per position and 3 expert forwards; LoRA with the expert frozen: 4·N + 2·N_trainable
+    on the LLM, a forward alone on the frozen vision tower, 2 expert forwards."""
+    pytest.importorskip("peft")
+    import bench
+    m = tiny_model(tiny_path)
+    records = robot_records(3) + [mm_record()]
+    counts = bench.sequence_counts(m, records)[0]
+    expert = bench.expert_forward_flops(m, records)
+    n = bench.param_groups(m)
+    assert expert > 0 and bench.model_flops(m, records, ()) == pytest.approx(6 * n @ counts + 3 * 3 * expert)
+    cfg = train.stage_config("generalist", {"lora_rank": 4, "freeze_action_head": True})
+    train.set_vlm_trainable(train.add_lora(m, cfg), True, cfg)
+    n, n_train = bench.param_groups(m), bench.param_groups(m, trainable=True)
+    assert n_train[1] == n_train[2] == 0 and 0 < n_train[0] < n[0]
+    lora = (4 * n[0] + 2 * n_train[0]) * counts[0] + 2 * n[1] * counts[1] + 2 * n[2] * counts[2]
+    assert bench.model_flops(m, records, ()) == pytest.approx(lora + 2 * 3 * expert)
+
+
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
-    """bench.py --gpu's code path on a tiny model, on whatever device there is."""
+    """bench.py --gpu's code path on a tiny model, on whatever device there is: the paper preset's
+    regime, LoRA on the LLM and the "dit" expert frozen (generalist), and its distill step."""
+    pytest.importorskip("peft")
     import bench
     out = tmp_path / "gpu.json"
     res = bench.main(["--gpu", "--gpu-size", "tiny", "--gpu-micro", "4", "--gpu-repeats", "1", "--threads", "1",
                     "--gpu-out", str(out)])  # 1 thread: OpenMP spin-waits when the 2 cores are shared
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["params"] > res["backbone_params"] > 0
+    assert (res["action_expert"], res["lora_rank"]) == ("dit", 128) and res["expert_gflop_per_sample"] > 0
+    assert 0 < res["trainable_params"] < res["params"] - res["expert_params"]  # the expert and the base frozen
     for step in ("finetune", "distill"):
         fig = res[step]
         assert fig["micro_batch"] == 4, fig  # 3 robot frames + 1 QA sample (mm_ratio 0.25): both teachers run

@@ -51,10 +51,12 @@ import prune
 import tabletop
 from data import DataError
 from distill import KD_MODES, check_teachers, dual_teacher_loss
-from model import DualVLA, UserError, VLAConfig, build_tiny, text_target_mask
+from model import (ACT, QUERY, DualVLA, UserError, VLAConfig, build_tiny, build_tiny_vision, sample_flow_time,
+                   text_target_mask)
 
 STAGES = ("specialist", "generalist", "prune", "distill", "all")
 PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
+PAPER_HEAD_VISION = "facebook/dinov2-with-registers-large"
 DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo's held-out benchmarks
 
 
@@ -88,6 +90,14 @@ class TrainConfig:
     chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
     flow_target: str = "velocity"   # flow head predicts: velocity (π0) | action (the clean chunk); new models only
+    flow_time: str = "uniform"      # flow loss time: uniform | beta (InstructVLA's Beta(1.5, 1), noisy end); new models only
+    flow_sigma_min: float = 0.0     # σ_min of the flow path (InstructVLA: 1e-3); new models only
+    action_expert: str = "cnn"      # flow head: cnn (conv + MLP, CPU-sized) | dit (InstructVLA's); new models only
+    head_vision: str = ""           # dit: DINOv2 checkpoint; "" = a random tiny one under OUT/tiny_vision; new models only
+    head_width: int = 256           # width of the action expert (dit: InstructVLA's 768); new models only
+    head_layers: int = 2            # dit: transformer layers (InstructVLA: 12); new models only
+    lora_rank: int = 0              # LoRA rank on the LLM's projections (peft), base weights frozen; 0 = full fine-tuning
+    freeze_action_head: bool = False  # generalist/distill: keep the action expert as loaded (InstructVLA's stage 2)
     # optimisation (paper: lr 2e-5 for distillation; the rest is ours)
     steps: int = 500                # optimizer steps
     batch_size: int = 32            # global batch: samples per optimizer step over all ranks and accumulation
@@ -146,13 +156,21 @@ PRESETS = {
         "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
         "distill": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
     },
+    # The base model's expert and regime (NOTES §6): InstructVLA's action expert on DINOv2-L with registers (its
+    # timm vit_large_patch14_reg4_dinov2), Beta(1.5, 1) flow time, σ_min 1e-3, LoRA r 128 on the robot stage and
+    # fresh adapters with the expert frozen on the generalist. Distillation (the paper is silent) keeps the
+    # generalist's regime: the student's expert is its teachers' (all three share the specialist's), so action KD
+    # acts through the query states, where InstructVLA's design puts action degeneration.
     "paper": {
         "common": dict(backbone=PAPER_BACKBONE, image_size=224, n_queries=64, batch_size=128, schedule="cosine",
                        warmup_steps=500, weight_decay=0.01, grad_checkpointing=True, log_every=50,
-                       ckpt_every=2000, keep_ckpts=3),
+                       ckpt_every=2000, keep_ckpts=3, action_expert="dit", head_vision=PAPER_HEAD_VISION,
+                       head_image_size=224, head_width=768, head_layers=12, flow_time="beta", flow_sigma_min=1e-3,
+                       lora_rank=128),
         "specialist": dict(steps=30000, lr=5e-5),
-        "generalist": dict(steps=30000, lr=5e-5),
-        "distill": dict(steps=10000, lr=2e-5, schedule="constant", warmup_steps=0),  # paper: 2e-5, fixed
+        "generalist": dict(steps=30000, lr=5e-5, freeze_action_head=True),
+        "distill": dict(steps=10000, lr=2e-5, schedule="constant", warmup_steps=0,  # paper: 2e-5, fixed
+                        freeze_action_head=True),
     },
 }
 # Fields naming a stage's own inputs: never passed on to the stages built to provide them.
@@ -188,7 +206,8 @@ def parse_args(argv):
         else:
             choices = {"stage": STAGES, "preset": tuple(PRESETS), "schedule": ("constant", "cosine"),
                        "action_head": ("flow", "tokens"), "prune": prune.MODES, "kd": KD_MODES,
-                       "flow_target": ("velocity", "action"),
+                       "flow_target": ("velocity", "action"), "flow_time": ("uniform", "beta"),
+                       "action_expert": ("cnn", "dit"),
                        "demo_task": ("single", "bimanual")}.get(f.name)
             p.add_argument(flag, type=f.type, choices=choices, help=h, metavar=None if choices else f.type.__name__.upper())
     return vars(p.parse_args(argv))
@@ -213,6 +232,8 @@ def validate(cfg):
             raise UserError(f"--{name.replace('_', '-')} {path}: no such file or folder")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or not 0 <= cfg.mm_ratio < 1:
         raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
+    if cfg.lora_rank and cfg.fsdp:  # fully_shard replaces the parameters, and with them add_lora's gradient hook
+        raise UserError("--lora-rank runs under DDP, not --fsdp (with LoRA the 3B model's training state fits a GPU)")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
     if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
@@ -327,7 +348,7 @@ def flow_noise(records, model_cfg, seed, step):
         if r["domain"] == "robot":
             g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{step}/{r['episode']}/{r['step']}".encode()))
             noise.append(torch.randn(model_cfg.chunk, model_cfg.action_dim, generator=g))
-            t.append(torch.rand((), generator=g))
+            t.append(sample_flow_time(1, model_cfg, generator=g)[0])
     return dict(noise=torch.stack(noise), t=torch.stack(t)) if noise else {}
 
 
@@ -356,6 +377,18 @@ def backbone_path(cfg, ctx):
     return path
 
 
+def head_vision_path(cfg, ctx):
+    """--head-vision, or for the "dit" expert a random tiny DINOv2 under OUT/tiny_vision (built once)."""
+    if cfg.head_vision or cfg.action_expert != "dit":
+        return cfg.head_vision
+    path = os.path.join(cfg.out, "tiny_vision")
+    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # written last
+        print(f"tiny head vision: building a random tiny DINOv2 in {path}")
+        build_tiny_vision(path, seed=cfg.seed)
+    barrier(ctx)
+    return path
+
+
 def gripper_dims(width):
     """Entries of an action or state vector left unnormalised (data.action_stats): the gripper, the last of
     each arm's 7 values (x, y, z, roll, pitch, yaw, gripper), so (6,) for one arm and (6, 13) for two. A
@@ -363,17 +396,21 @@ def gripper_dims(width):
     return tuple(range(6, width, 7)) if width % 7 == 0 else (width - 1,)
 
 
-def new_model(cfg, backbone, robot, cameras, parts=()):
+def new_model(cfg, backbone, robot, cameras, parts=(), head_vision=""):
     """The specialist's starting point: backbone + fresh queries and head, sized to the data (cameras, action
     and state widths), with per-dimension action/state statistics of `robot`, per robot. `parts`: an already built
-    (backbone model, tokenizer, image processor) to use instead of loading `backbone` (bench.py's)."""
+    (backbone model, tokenizer, image processor) to use instead of loading `backbone` (bench.py's); `head_vision`:
+    the "dit" expert's DINOv2 (head_vision_path)."""
     torch.manual_seed(cfg.seed)  # identical on every rank (FSDP does not broadcast the initial weights)
     actions, states = np.stack([r["action"] for r in robot]), np.stack([r["state"] for r in robot])  # (N, A), (N, S)
     model = DualVLA(VLAConfig(backbone=backbone, action_head=cfg.action_head, chunk=cfg.chunk,
                               n_queries=cfg.n_queries, flow_target=cfg.flow_target, image_size=cfg.image_size,
                               head_image_size=cfg.head_image_size, cameras=cameras,
                               min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                              action_dim=actions.shape[1], state_dim=states.shape[1]), *parts)
+                              action_dim=actions.shape[1], state_dim=states.shape[1], flow_time=cfg.flow_time,
+                              flow_sigma_min=cfg.flow_sigma_min, action_expert=cfg.action_expert,
+                              head_vision=head_vision, head_width=cfg.head_width, head_layers=cfg.head_layers),
+                    *parts)
     names = np.array([r.get("robot", "unknown") for r in robot])
     for name in dict.fromkeys(names):  # one set per robot (Bridge's and Fractal's ranges differ), first-seen order
         model.set_action_stats(data.action_stats(actions[names == name], gripper_dims(actions.shape[1])),
@@ -407,9 +444,58 @@ def as_teacher(model, cfg, ctx):
     return model.to(torch.bfloat16) if ctx["device"].type == "cuda" and cfg.bf16 else model
 
 
-def set_vlm_trainable(model, trainable):
-    model.backbone.requires_grad_(trainable)
+# InstructVLA's LoRA targets: the LLM's attention and MLP projections (not gate_proj, not the vision tower)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def add_lora(model, cfg):
+    """--lora-rank r: InstructVLA's adapters (its stage 1: peft LoRA, alpha 2r, dropout 0.05) on the LLM, the rows
+    of the tokens DualVLA adds (<|act|>, <|query|>, the action bins) trainable in the embedding matrix too.
+
+    DualVLA.save_pretrained folds a stage's adapters into the weights, so a later stage with --lora-rank trains a
+    second, fresh set on top of the merged first one: a plain second LoRA where InstructVLA's stage 2 mixes the
+    two with X-LoRA (peft's XLoraConfig). X-LoRA's classifier reads the hidden states of an extra, adapter-free
+    pass through the whole LLM each step, hooked onto the model's top-level forward, which DualVLA bypasses
+    (it runs the inner model on its own embeddings), and InstructVLA strips its hooks to generate
+    (cleanup_xlora_pre_hooks). What the regime is about stays: adapters on a frozen LLM, the expert frozen."""
+    if not cfg.lora_rank:
+        return model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("--lora-rank needs peft (pip install peft)") from None
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.05,
+                                       target_modules=LORA_TARGETS), model.backbone.model.language_model)
+    new = torch.tensor([model.ids[ACT], model.ids[QUERY]] + model.bin_ids.tolist())
+    for w in {id(w): w for w in embedding_matrices(model)}.values():  # one matrix when tied (Qwen2.5-VL-3B)
+        w.requires_grad_(True)  # peft froze it; a hook needs a tensor that takes gradients
+        w.register_hook(lambda g: g * new_row_mask(g.shape[0], new, g.device)[:, None])
+    return model
+
+
+def new_row_mask(n, rows, device):
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[rows.to(device)] = True
+    return mask
+
+
+def embedding_matrices(model):
+    return model.backbone.get_input_embeddings().weight, model.backbone.lm_head.weight
+
+
+def set_vlm_trainable(model, trainable, cfg):
+    """What the optimizer trains. The VLM (backbone + queries) while `trainable`: every weight, or with
+    --lora-rank the adapters and the embedding matrices (add_lora's hook keeps their old rows fixed). The action
+    expert, unless --freeze-action-head in a stage that starts from a trained one (the specialist trains it, Eq. 2)."""
+    model.backbone.requires_grad_(trainable and not cfg.lora_rank)
+    if trainable and cfg.lora_rank:
+        for name, p in model.backbone.named_parameters():
+            p.requires_grad_("lora_" in name)
+        for w in embedding_matrices(model):
+            w.requires_grad_(True)
     model.queries.requires_grad_(trainable)
+    if model.head is not None:
+        model.head.requires_grad_(not (cfg.freeze_action_head and cfg.stage != "specialist"))
 
 
 def wrap(model, cfg, ctx):
@@ -550,8 +636,11 @@ def save_final(model, stage_dir, cfg, ctx, rebuild):
 # ----------------------------------------------------------------------------- the training loop
 
 def make_optimizer(model, cfg):
-    """AdamW, weight decay on matrices only (not on biases and norms)."""
-    decay, other = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
+    """AdamW, weight decay on matrices only (not on biases and norms, nor with --lora-rank on the embedding
+    matrices: decay would move the rows add_lora keeps fixed)."""
+    fixed = {id(w) for w in embedding_matrices(model)} if cfg.lora_rank else set()
+    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in fixed]
+    other = [p for p in model.parameters() if p.ndim < 2 or id(p) in fixed]
     return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
                              lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -689,9 +778,11 @@ def build_models(cfg, ctx, inputs, robot, cameras):
     """The model to train (+ the frozen teachers for distill) on the device, and how to rebuild it unsharded."""
     if cfg.stage == "specialist":
         backbone = None if cfg.init else backbone_path(cfg, ctx)
-        make = lambda: load_model(cfg.init, cfg) if cfg.init else new_model(cfg, backbone, robot, cameras)
+        vision = None if cfg.init else head_vision_path(cfg, ctx)
+        make = lambda: add_lora(load_model(cfg.init, cfg) if cfg.init else
+                                new_model(cfg, backbone, robot, cameras, head_vision=vision), cfg)
     else:
-        make = lambda: load_model(inputs["init"], cfg)
+        make = lambda: add_lora(load_model(inputs["init"], cfg), cfg)
     model, teachers = as_student(make(), cfg, ctx), ()
     if cfg.stage == "distill":
         teachers = tuple(as_teacher(load_model(inputs[k], cfg), cfg, ctx)
@@ -738,7 +829,7 @@ def train(cfg, ctx, inputs):
 
     # frozen or not as at the checkpoint: the optimizer state loads only into trainable parameters
     frozen = cfg.freeze_vlm_steps > (progress(latest)["step"] if latest else 0)
-    set_vlm_trainable(model, not frozen)
+    set_vlm_trainable(model, not frozen, cfg)
     wrapped = wrap(model, cfg, ctx)  # before the optimizer: fully_shard replaces the parameters
     opt = make_optimizer(model, cfg)
     start, rng = restore_checkpoint(latest, wrapped, opt, cfg, ctx) if latest else (0, None)
@@ -767,7 +858,7 @@ def train(cfg, ctx, inputs):
     for step in range(start, cfg.steps):
         if frozen and step >= cfg.freeze_vlm_steps:
             frozen = False
-            set_vlm_trainable(model, True)
+            set_vlm_trainable(model, True, cfg)
             if not cfg.fsdp:  # DDP hooks only the parameters trainable when it is built; FSDP2 checks each step
                 wrapped = wrap(model, cfg, ctx)
         micro = [next(stream) for _ in range(cfg.grad_accum)]
@@ -885,6 +976,8 @@ def eval_commands(cfg, stage):
     """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
     ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
     env = "simplerenv" if cfg.data else "tabletop --state --exec-horizon 8"  # the demo model acts on its state too
+    if cfg.data and cfg.preset == "paper":  # the base model's SimplerEnv execution (InstructVLA's policies)
+        env += " --ensemble adaptive --sticky-repeat 10 --gripper-fix"
     bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
     return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
             + (" --no-reason" if stage == "specialist" else ""),
