@@ -749,6 +749,19 @@ def _lerobot_features(cameras, images, state_dim, action_dim, state_names, video
     return {**features, **{k: dict(dtype=t, shape=[1], names=None) for k, t in LEROBOT_INDEX.items()}}
 
 
+def _hf_metadata(features):
+    """The data files' schema metadata from which HF datasets takes the column types: LeRobot v2.1 loads
+    its parquet without features of its own, so a PNG struct column decodes as an image only through this."""
+    hf = {}
+    for key, f in features.items():
+        if f["dtype"] == "image":
+            hf[key] = {"_type": "Image"}
+        elif f["dtype"] != "video":
+            value = {"dtype": f["dtype"], "_type": "Value"}
+            hf[key] = value if f["shape"] == [1] else {"feature": value, "length": f["shape"][0], "_type": "Sequence"}
+    return {"huggingface": json.dumps({"info": {"features": hf}})}
+
+
 def _png_cell(image):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -792,14 +805,15 @@ def _write_lerobot_files(episodes, out, version, video, fps, cameras, state_name
                                 f"expected {[features[k]['shape'] for k in cameras]}")
         n, task = len(frames), tasks.setdefault(ep["instruction"], len(tasks))
         cam = {k: [images[c] for images in frames] for c, k in enumerate(cameras)}
-        columns = {"observation.state": pa.array(states.tolist(), pa.list_(pa.float32())),
-                   "action": pa.array(actions.tolist(), pa.list_(pa.float32())),
+        columns = {"observation.state": pa.array(states.tolist(), pa.list_(pa.float32(), states.shape[1])),
+                   "action": pa.array(actions.tolist(), pa.list_(pa.float32(), actions.shape[1])),
                    "timestamp": pa.array(np.arange(n) / fps, pa.float32()), "frame_index": pa.array(range(n), pa.int64()),
                    "episode_index": pa.array([e] * n, pa.int64()), "index": pa.array(range(total, total + n), pa.int64()),
                    "task_index": pa.array([task] * n, pa.int64())}
         if not video:
             columns.update({k: pa.array([_png_cell(im) for im in cam[k]], image_type) for k in cameras})
-        table = pa.table(columns)
+        table = pa.table({k: columns[k] for k in features if k in columns}).replace_schema_metadata(
+            _hf_metadata(features))
         ep_stats = {k: _lerobot_stats(np.stack([np.asarray(im) for im in cam[k]]) / 255.0, (0, 1, 2))
                     for k in cameras}
         ep_stats = {k: {s: v.reshape(3, 1, 1) if s != "count" else v for s, v in d.items()} for k, d in ep_stats.items()}

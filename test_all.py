@@ -950,6 +950,10 @@ def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
     assert sorted(os.listdir(tmp_path)) == ["demo", "demo_lerobot"]               # no temporary folder left
     before, after = data.inspect_path(src), data.inspect_path(out)
     assert after[0] == f"format: LeRobot v{version} (fps 5)"
+    if not video:  # LeRobot v2.1 loads its parquet without features: the image type travels in the schema
+        import pyarrow.parquet as pq
+        hf = json.loads(pq.read_schema(next(out.glob("data/*/*.parquet"))).metadata[b"huggingface"])
+        assert hf["info"]["features"]["observation.images.image"] == {"_type": "Image"}
     same = [line for line in before if not line.startswith(("format", "cameras", "reasoning"))]
     assert same == [line for line in after if not line.startswith(("format", "cameras", "reasoning"))]
     for lazy in (False, True):
