@@ -679,7 +679,7 @@ def read_lerobot(root, episodes=None, camera_keys=None, load_images=True):
 # ------------------------------------------------------------------------------------- LeRobot writer
 
 LEROBOT_VERSIONS = ("v2.1", "v3.0")
-LEROBOT_FILE_MB = 100  # v3.0: a data file (and its mp4s) closes past this size, LeRobot's data_files_size_in_mb
+LEROBOT_FILE_MB = 100  # v3.0: a data file and its mp4s close when one passes this size (LeRobot: 100 and 200)
 # The bookkeeping columns every LeRobot dataset declares, besides the cameras, state and action.
 LEROBOT_INDEX = {"timestamp": "float32", "frame_index": "int64", "episode_index": "int64", "index": "int64",
                  "task_index": "int64"}
@@ -716,7 +716,7 @@ def _open_mp4(path, size, fps):
     container = av.open(path, "w")
     stream = container.add_stream("libx264", rate=fps, options={"g": "2", "crf": "10"})
     stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-    return dict(container=container, stream=stream, frames=0, fps=fps)
+    return dict(container=container, stream=stream, frames=0, fps=fps, path=path)
 
 
 def _mp4_add(mp4, images):
@@ -849,7 +849,8 @@ def _write_lerobot_files(episodes, out, version, video, fps, cameras, state_name
             row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
             row.update({f"stats/{k}/{s}": v.tolist() for k, d in ep_stats.items() for s, v in d.items()})
             part["mb"] += table.nbytes / 2 ** 20
-            if part["mb"] >= LEROBOT_FILE_MB:
+            mp4_mb = max((os.path.getsize(m["path"]) for m in part["mp4s"].values()), default=0) / 2 ** 20
+            if max(part["mb"], mp4_mb) >= LEROBOT_FILE_MB:
                 close_part()
                 part["chunk"], part["file"] = divmod(part["chunk"] * chunks_size + part["file"] + 1, chunks_size)
         rows.append(row)

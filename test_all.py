@@ -970,6 +970,24 @@ def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
                     assert x.size == y.size and (err < 8 if video else err == 0), err  # yuv420p: wrist edges ~6
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_write_lerobot_v3_starts_a_new_file_past_the_size_limit(tmp_path, monkeypatch, video):
+    if video:
+        pytest.importorskip("av", reason="mp4 export needs PyAV (av)")
+    monkeypatch.setattr(data, "LEROBOT_FILE_MB", 1e-4)                        # every episode passes it
+    root = tmp_path / "ds"
+    truth, tasks = lerobot_set(root, "v3.0", video)
+    assert len(list(root.glob("data/chunk-000/file-*.parquet"))) == 2
+    assert len(list(root.glob("videos/*/chunk-000/file-*.mp4"))) == 2 * video
+    eps = data.read_lerobot(root)
+    assert [e["instruction"] for e in eps] == tasks
+    for ep, t in zip(eps, truth):
+        np.testing.assert_array_equal(np.stack([s["action"] for s in ep["steps"]]), t["actions"])
+        for step, want in zip(ep["steps"], t["images"]["observation.images.image_0"]):
+            err = np.abs(np.asarray(step["image"], np.float32) - np.asarray(want, np.float32)).mean()
+            assert err < 4 if video else err == 0, err
+
+
 def test_export_lerobot_bad_input_and_existing_out(tmp_path, capsys):
     src, out = tmp_path / "eps", tmp_path / "ds"
     assert "no episodes.jsonl" in error_line(capsys, data.main, ["export-lerobot", str(tmp_path / "nope"), str(out)])
