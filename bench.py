@@ -17,7 +17,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import io
 import json
 import os
 import sys
@@ -197,41 +196,6 @@ def reader_ratio(episodes, model, robot, cfg):
     return read / consume, read, consume
 
 
-def write_lerobot_copy(episodes, root):
-    """The episodes as a LeRobot v2.1 dataset (PNG bytes in per-episode parquet files, meta/*.json*)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    tasks = sorted({ep["instruction"] for ep in episodes})
-    feats = {"observation.images.image": {"dtype": "image", "shape": [64, 64, 3], "names": ["height", "width", "rgb"]},
-             "observation.state": {"dtype": "float32", "shape": [7]}, "action": {"dtype": "float32", "shape": [7]},
-             **{c: {"dtype": "int64", "shape": [1]} for c in ("frame_index", "episode_index", "index", "task_index")}}
-    os.makedirs(os.path.join(root, "meta"))
-    data.atomic_write(os.path.join(root, "meta", "info.json"), json.dumps(dict(
-        codebase_version="v2.1", robot_type="tabletop", fps=5, chunks_size=1000, features=feats,
-        data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet")))
-    data.atomic_write(os.path.join(root, "meta", "tasks.jsonl"), "".join(
-        json.dumps(dict(task_index=i, task=t)) + "\n" for i, t in enumerate(tasks)))
-    data.atomic_write(os.path.join(root, "meta", "episodes.jsonl"), "".join(
-        json.dumps(dict(episode_index=e, tasks=[ep["instruction"]], length=len(ep["steps"]))) + "\n"
-        for e, ep in enumerate(episodes)))
-    os.makedirs(os.path.join(root, "data", "chunk-000"))
-    start = 0
-    for e, ep in enumerate(episodes):
-        n, pngs = len(ep["steps"]), []
-        for s in ep["steps"]:
-            buf = io.BytesIO()
-            s["image"].save(buf, format="PNG")
-            pngs.append(dict(bytes=buf.getvalue(), path=None))
-        pq.write_table(pa.table({
-            "observation.images.image": pngs,
-            "observation.state": pa.array([list(map(float, s["state"])) for s in ep["steps"]], pa.list_(pa.float32())),
-            "action": pa.array([list(map(float, s["action"])) for s in ep["steps"]], pa.list_(pa.float32())),
-            "frame_index": list(range(n)), "episode_index": [e] * n, "index": list(range(start, start + n)),
-            "task_index": [tasks.index(ep["instruction"])] * n}),
-            os.path.join(root, "data", "chunk-000", f"episode_{e:06d}.parquet"))
-        start += n
-
-
 def lerobot_reader_ratio(episodes, consume):
     """Records/s of the LeRobot reader (images decoded, as an eager read) / records/s a train step consumes;
     None without pyarrow (LeRobot's parquet needs it)."""
@@ -240,7 +204,7 @@ def lerobot_reader_ratio(episodes, consume):
     except ImportError:
         return None, None
     with tempfile.TemporaryDirectory() as d:
-        write_lerobot_copy(episodes, os.path.join(d, "ds"))
+        data.write_lerobot(episodes, os.path.join(d, "ds"), version="v2.1")
         n = sum(len(e["steps"]) for e in episodes)
         read = n / median_seconds(lambda: data.episode_records(data.read_lerobot(os.path.join(d, "ds"))), 3, 1)
     return read / consume, read

@@ -14,13 +14,14 @@ reasoning r_t; multimodal samples are (o, i, r, ∅). Readers, all returning the
 
     episode folder   DIR/episodes.jsonl (one episode per line) + DIR/images/*.png    (write_/read_/iter_episodes)
     LLaVA JSON       [{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}] (write_/read_/iter_llava)
-    LeRobot v2.x/3.0 meta/info.json, meta/tasks.*, meta/episodes*, data/*.parquet, videos/*.mp4 (read_/iter_lerobot)
+    LeRobot v2.x/3.0 meta/info.json, meta/tasks.*, meta/episodes*, data/*.parquet, videos/*.mp4 (write_/read_/iter_lerobot)
     ECoT             embodied_features_bridge.json, joined by file path + episode id + step (read_ecot)
     VLA-IT           InstructVLA's bridge_instruction.json / fractal_instruction.json          (read_vla_it)
     the paper's mix  VLA-IT for both robots, ECoT's Bridge reasoning as an option        (paper_reasoning)
 
 Bad input raises DataError naming the file, line/row/episode and field. `python data.py inspect PATH`
-prints what a path holds before a long job.
+prints what a path holds before a long job; `python data.py export-lerobot SRC OUT` writes an episode
+folder as a LeRobot v2.1/v3.0 dataset.
 """
 import argparse
 import functools
@@ -29,8 +30,10 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import islice
 
 import numpy as np
@@ -677,6 +680,263 @@ def read_lerobot(root, episodes=None, camera_keys=None, load_images=True):
     return list(iter_lerobot(root, episodes, camera_keys, load_images=load_images))
 
 
+# ------------------------------------------------------------------------------------- LeRobot writer
+
+LEROBOT_VERSIONS = ("v2.1", "v3.0")
+LEROBOT_FILE_MB = 100  # v3.0: a data file and its mp4s close when one passes this size (LeRobot: 100 and 200)
+# The bookkeeping columns every LeRobot dataset declares, besides the cameras, state and action.
+LEROBOT_INDEX = {"timestamp": "float32", "frame_index": "int64", "episode_index": "int64", "index": "int64",
+                 "task_index": "int64"}
+
+
+def _lerobot_stats(x, axes=0):
+    """LeRobot's statistics of one feature over one episode: per-dimension min, max, mean, std, count."""
+    x = np.asarray(x, dtype=np.float64)
+    return dict(min=x.min(axes), max=x.max(axes), mean=x.mean(axes), std=x.std(axes), count=np.array([len(x)]))
+
+
+def _merge_stats(stats):
+    """Episodes' statistics -> the dataset's (meta/stats.json): pooled mean and variance, weighted by frames."""
+    n = np.array([s["count"][0] for s in stats], dtype=np.float64)
+    w = n.reshape((-1,) + (1,) * np.ndim(stats[0]["mean"])) / n.sum()
+    means, stds = np.stack([s["mean"] for s in stats]), np.stack([s["std"] for s in stats])
+    mean = (w * means).sum(0)
+    return dict(min=np.min([s["min"] for s in stats], 0), max=np.max([s["max"] for s in stats], 0), mean=mean,
+                std=np.sqrt((w * (stds ** 2 + (means - mean) ** 2)).sum(0)), count=np.array([int(n.sum())]))
+
+
+def _lists(stats):
+    return {k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}
+
+
+def _open_mp4(path, size, fps):
+    """An H.264 mp4 being written: one keyframe every 2 frames (LeRobot's g=2, so a random frame decodes
+    fast) and crf 10, near-lossless, since these frames are what a policy trains on."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing LeRobot videos needs PyAV: pip install av") from None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    container = av.open(path, "w")
+    stream = container.add_stream("libx264", rate=fps, options={"g": "2", "crf": "10"})
+    stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+    return dict(container=container, stream=stream, frames=0, fps=fps, path=path)
+
+
+def _mp4_add(mp4, images):
+    import av
+    for image in images:
+        frame = av.VideoFrame.from_image(image)
+        frame.pts, frame.time_base = mp4["frames"], Fraction(1, mp4["fps"])  # frame k shows at k / fps
+        mp4["container"].mux(mp4["stream"].encode(frame))
+        mp4["frames"] += 1
+
+
+def _mp4_close(mp4):
+    mp4["container"].mux(mp4["stream"].encode())  # flush the frames the encoder still holds
+    mp4["container"].close()
+
+
+def _lerobot_features(cameras, images, state_dim, action_dim, state_names, video, fps):
+    """info.json's features: each camera's dtype and shape (H, W, 3), state and action, the index columns."""
+    features = {}
+    for key, image in zip(cameras, images):
+        w, h = image.size
+        features[key] = dict(dtype="video" if video else "image", shape=[h, w, 3], names=["height", "width", "channels"])
+        if video:
+            features[key]["info"] = {"video.height": h, "video.width": w, "video.codec": "h264",
+                                     "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
+                                     "video.channels": 3, "has_audio": False}
+    features["observation.state"] = dict(dtype="float32", shape=[state_dim],
+                                         names=list(state_names) if state_names else None)
+    features["action"] = dict(dtype="float32", shape=[action_dim], names=None)
+    return {**features, **{k: dict(dtype=t, shape=[1], names=None) for k, t in LEROBOT_INDEX.items()}}
+
+
+def _hf_metadata(features):
+    """The data files' schema metadata from which HF datasets takes the column types: LeRobot v2.1 loads
+    its parquet without features of its own, so a PNG struct column decodes as an image only through this."""
+    hf = {}
+    for key, f in features.items():
+        if f["dtype"] == "image":
+            hf[key] = {"_type": "Image"}
+        elif f["dtype"] != "video":
+            value = {"dtype": f["dtype"], "_type": "Value"}
+            hf[key] = value if f["shape"] == [1] else {"feature": value, "length": f["shape"][0], "_type": "Sequence"}
+    return {"huggingface": json.dumps({"info": {"features": hf}})}
+
+
+def _png_cell(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _write_lerobot_files(episodes, out, version, video, fps, cameras, state_names, robot_type):
+    """The body of write_lerobot, writing into the folder `out`; returns info.json's dict."""
+    pq, _, pa = _pyarrow()
+    v2, chunks_size = version == "v2.1", 1000
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets' Image feature
+    tasks, rows, stats, dims, features, total = {}, [], [], {"state": None, "action": None}, None, 0
+    part = dict(chunk=0, file=0, mb=0.0, writer=None, mp4s={})  # v3.0: the data file (and mp4s) being filled
+
+    def close_part():
+        if part["writer"] is not None:
+            part["writer"].close()
+        for mp4 in part["mp4s"].values():
+            _mp4_close(mp4)
+        part.update(writer=None, mp4s={}, mb=0.0)
+
+    for e, ep in enumerate(episodes):
+        where = f"write_lerobot: episode {ep.get('id', e)!r}"
+        if not ep.get("steps"):
+            raise DataError(f"{where}: no steps")
+        frames = [[open_image(x, where) for x in (s["image"] if isinstance(s["image"], (list, tuple)) else [s["image"]])]
+                  for s in ep["steps"]]
+        states = np.stack([_vector(s["state"], f"{where} step {t}", dims, "state") for t, s in enumerate(ep["steps"])])
+        actions = np.stack([_vector(s["action"], f"{where} step {t}", dims, "action") for t, s in enumerate(ep["steps"])])
+        if features is None:
+            cameras = list(cameras or (["observation.images.image"] if len(frames[0]) == 1 else
+                                       [f"observation.images.image_{c}" for c in range(len(frames[0]))]))
+            if len(cameras) != len(frames[0]):
+                raise DataError(f"{where}: {len(frames[0])} camera image(s) per step, {len(cameras)} camera key(s)")
+            features = _lerobot_features(cameras, frames[0], dims["state"], dims["action"], state_names, video, fps)
+            robot_type = robot_type or ep.get("robot", "unknown")
+        for t, images in enumerate(frames):
+            shapes = [[im.size[1], im.size[0], 3] for im in images]
+            if shapes != [features[k]["shape"] for k in cameras]:
+                raise DataError(f"{where} step {t} field 'image': {len(images)} image(s) of shape {shapes}, "
+                                f"expected {[features[k]['shape'] for k in cameras]}")
+        n, task = len(frames), tasks.setdefault(ep["instruction"], len(tasks))
+        cam = {k: [images[c] for images in frames] for c, k in enumerate(cameras)}
+        columns = {"observation.state": pa.array(states.tolist(), pa.list_(pa.float32(), states.shape[1])),
+                   "action": pa.array(actions.tolist(), pa.list_(pa.float32(), actions.shape[1])),
+                   "timestamp": pa.array(np.arange(n) / fps, pa.float32()), "frame_index": pa.array(range(n), pa.int64()),
+                   "episode_index": pa.array([e] * n, pa.int64()), "index": pa.array(range(total, total + n), pa.int64()),
+                   "task_index": pa.array([task] * n, pa.int64())}
+        if not video:
+            columns.update({k: pa.array([_png_cell(im) for im in cam[k]], image_type) for k in cameras})
+        table = pa.table({k: columns[k] for k in features if k in columns}).replace_schema_metadata(
+            _hf_metadata(features))
+        ep_stats = {k: _lerobot_stats(np.stack([np.asarray(im) for im in cam[k]]) / 255.0, (0, 1, 2))
+                    for k in cameras}
+        ep_stats = {k: {s: v.reshape(3, 1, 1) if s != "count" else v for s, v in d.items()} for k, d in ep_stats.items()}
+        ep_stats.update({"observation.state": _lerobot_stats(states), "action": _lerobot_stats(actions),
+                         **{k: _lerobot_stats(table[k].to_numpy()[:, None]) for k in LEROBOT_INDEX}})
+        stats.append(ep_stats)
+        row = dict(episode_index=e, tasks=[ep["instruction"]], length=n)
+        chunk = e // chunks_size
+        if v2:
+            path = os.path.join(out, f"data/chunk-{chunk:03d}/episode_{e:06d}.parquet")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            pq.write_table(table, path)
+            for k in cameras if video else ():
+                mp4 = _open_mp4(os.path.join(out, f"videos/chunk-{chunk:03d}/{k}/episode_{e:06d}.mp4"), cam[k][0].size, fps)
+                _mp4_add(mp4, cam[k])
+                _mp4_close(mp4)
+        else:
+            if part["writer"] is None:
+                path = os.path.join(out, f"data/chunk-{part['chunk']:03d}/file-{part['file']:03d}.parquet")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                part["writer"] = pq.ParquetWriter(path, table.schema)
+                part["mp4s"] = {k: _open_mp4(os.path.join(out, f"videos/{k}/chunk-{part['chunk']:03d}/"
+                                                               f"file-{part['file']:03d}.mp4"), cam[k][0].size, fps)
+                                for k in (cameras if video else ())}
+            part["writer"].write_table(table)  # one row group per episode, as LeRobot writes them
+            row.update({"data/chunk_index": part["chunk"], "data/file_index": part["file"],
+                        "dataset_from_index": total, "dataset_to_index": total + n})
+            for k, mp4 in part["mp4s"].items():
+                start = mp4["frames"] / fps
+                _mp4_add(mp4, cam[k])
+                row.update({f"videos/{k}/chunk_index": part["chunk"], f"videos/{k}/file_index": part["file"],
+                            f"videos/{k}/from_timestamp": start, f"videos/{k}/to_timestamp": mp4["frames"] / fps})
+            row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+            row.update({f"stats/{k}/{s}": v.tolist() for k, d in ep_stats.items() for s, v in d.items()})
+            part["mb"] += table.nbytes / 2 ** 20
+            mp4_mb = max((os.path.getsize(m["path"]) for m in part["mp4s"].values()), default=0) / 2 ** 20
+            if max(part["mb"], mp4_mb) >= LEROBOT_FILE_MB:
+                close_part()
+                part["chunk"], part["file"] = divmod(part["chunk"] * chunks_size + part["file"] + 1, chunks_size)
+        rows.append(row)
+        total += n
+    close_part()
+    if not rows:
+        raise DataError("write_lerobot: no episodes")
+    meta = os.path.join(out, "meta")
+    os.makedirs(meta, exist_ok=True)
+    info = dict(codebase_version=version, robot_type=robot_type, total_episodes=len(rows), total_frames=total,
+                total_tasks=len(tasks))
+    if v2:
+        info.update(total_videos=len(rows) * len(cameras) * video, total_chunks=(len(rows) - 1) // chunks_size + 1)
+    info.update(chunks_size=chunks_size, fps=fps, splits={"train": f"0:{len(rows)}"})
+    if v2:
+        info.update(data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                    video_path="videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4")
+        with open(os.path.join(meta, "tasks.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(dict(task_index=i, task=t)) + "\n" for t, i in tasks.items())
+        with open(os.path.join(meta, "episodes.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(os.path.join(meta, "episodes_stats.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(dict(episode_index=e, stats=_lists(s))) + "\n" for e, s in enumerate(stats))
+    else:
+        info.update(data_files_size_in_mb=LEROBOT_FILE_MB, video_files_size_in_mb=LEROBOT_FILE_MB,
+                    data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                    video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+        # LeRobot writes tasks from pandas with the task string as the index; the metadata lets pandas restore it.
+        index = {"index_columns": ["task"], "column_indexes": [], "columns": [
+            {"name": c, "field_name": c, "pandas_type": p, "numpy_type": t, "metadata": None}
+            for c, p, t in (("task_index", "int64", "int64"), ("task", "unicode", "object"))]}
+        table = pa.table({"task_index": pa.array(list(tasks.values()), pa.int64()), "task": list(tasks)})
+        pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(index)}), os.path.join(meta, "tasks.parquet"))
+        os.makedirs(os.path.join(meta, "episodes", "chunk-000"))
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(meta, "episodes", "chunk-000", "file-000.parquet"))
+    if not video:
+        info["video_path"] = None
+    info["features"] = features
+    with open(os.path.join(meta, "stats.json"), "w", encoding="utf-8") as f:
+        json.dump(_lists({k: _merge_stats([s[k] for s in stats]) for k in stats[0]}), f, indent=2)
+    with open(os.path.join(meta, "info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=4)
+    return info
+
+
+def write_lerobot(episodes, root, version="v3.0", video=False, fps=5, camera_keys=None, state_names=None,
+                  robot_type=None, overwrite=False):
+    """Write episodes as a LeRobot dataset that LeRobot's own LeRobotDataset opens and read_lerobot reads back.
+
+    v2.1: one parquet per episode (data/chunk-*/episode_*.parquet), meta/tasks.jsonl, episodes.jsonl,
+    episodes_stats.jsonl. v3.0: episodes packed into data/chunk-*/file-*.parquet (a new file past
+    LEROBOT_FILE_MB), meta/tasks.parquet, meta/episodes/chunk-000/file-000.parquet (each episode's rows, video
+    span and statistics). Both: meta/info.json and meta/stats.json; images as PNG bytes in the parquet, or
+    with video=True one H.264 mp4 per camera (per episode in v2.1, per data file in v3.0).
+
+    episodes: dict(id, instruction, robot, steps=[dict(image, state, action)]), consumed one at a time, so an
+    iterator over a set larger than RAM works; an image may be a PIL image, a path or a LazyFrame. Reasoning
+    has no LeRobot feature and is left out. camera_keys name the cameras (default observation.images.image,
+    or observation.images.image_<c> for several); state_names go to info.json (read_lerobot maps known
+    layouts, see lerobot_state); fps=5 is Bridge's control rate. The dataset is written under a temporary
+    name and renamed into place, so `root` is never half-written; an existing `root` is replaced only with
+    overwrite=True.
+    """
+    version = "v" + str(version).lstrip("v")
+    if version not in LEROBOT_VERSIONS:
+        raise DataError(f"write_lerobot: version {version!r}; this writer knows {', '.join(LEROBOT_VERSIONS)}")
+    root = os.path.normpath(str(root))
+    if os.path.exists(root) and not overwrite:
+        raise DataError(f"{root}: already exists (--overwrite replaces it)")
+    tmp, old = f"{root}.tmp{os.getpid()}", f"{root}.old{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = _write_lerobot_files(episodes, tmp, version, video, fps, camera_keys, state_names, robot_type)
+        if os.path.exists(root):
+            os.rename(root, old)
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
 # --------------------------------------------------------------------------- reasoning annotations
 
 # ECoT's JSON keys -> our tags (ECoT's get_cot_database_keys); bboxes and gripper_position come from "features".
@@ -893,8 +1153,23 @@ def main(argv=None):
     p.add_argument("path", help="an episode folder, a LeRobot v2.x/v3.0 dataset, or a LLaVA / ECoT / VLA-IT JSON")
     p.add_argument("--max-episodes", type=int, help="read only the first N episodes (default: all)")
     p.add_argument("--image-root", help="LLaVA JSON: folder its image paths are relative to (default: its folder)")
+    p = sub.add_parser("export-lerobot", help="write an episode folder (e.g. from python tabletop.py --out "
+                                              "data/demo) as a LeRobot dataset that LeRobot's own tools open")
+    p.add_argument("src", help="an episode folder (episodes.jsonl + images/)")
+    p.add_argument("out", help="the LeRobot dataset root to write")
+    p.add_argument("--version", choices=("2.1", "3.0"), default="3.0", help="LeRobot codebase version (default 3.0)")
+    p.add_argument("--video", action="store_true", help="encode each camera as H.264 mp4 (needs PyAV) instead of "
+                                                        "PNG bytes in the parquet files")
+    p.add_argument("--fps", type=int, default=5, help="frames per second of the episodes (default 5, Bridge's rate)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export-lerobot":
+            info = write_lerobot(iter_episodes(args.src, load_images=False), args.out, args.version, args.video,
+                                 args.fps, overwrite=args.overwrite)
+            print(f"wrote {args.out}: LeRobot {info['codebase_version']}, {info['total_episodes']} episodes, "
+                  f"{info['total_frames']} frames, {info['total_tasks']} tasks, images as {'mp4' if args.video else 'PNG'}")
+            return
         print("\n".join(inspect_path(args.path, args.max_episodes, args.image_root)))
     except (DataError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever a library said

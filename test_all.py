@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 from pathlib import Path
@@ -1042,29 +1041,6 @@ def test_mixed_batches_ratio_determinism_ranks():
 
 # ------------------------------------------------------------------------------- LeRobot fixtures
 
-def write_mp4(path, images, fps):
-    import av
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = images[0].size[0], images[0].size[1], "yuv420p"
-        stream.options = {"crf": "10"}
-        for i, img in enumerate(images):
-            f = av.VideoFrame.from_image(img)
-            f.pts, f.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(f):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-def write_parquet(path, columns):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table(columns), path)
-
-
 def lerobot_truth(n_eps=2, n=5):
     rng = np.random.default_rng(7)
     return [dict(states=rng.normal(size=(n, 8)).astype(np.float32), actions=rng.normal(size=(n, 7)).astype(np.float32),
@@ -1073,68 +1049,19 @@ def lerobot_truth(n_eps=2, n=5):
             for e in range(n_eps)]
 
 
-def write_lerobot(root, version, video, cameras=("observation.images.image_0",), fps=5):
-    """A tiny LeRobot dataset with the real layout and field names (2 episodes x 5 frames, 32x32)."""
-    import pyarrow as pa
-    truth, n = lerobot_truth(), 5
-    tasks = ["put the spoon on the towel", "open the drawer"]
-    feats = {k: {"dtype": "video" if video else "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]}
-             for k in cameras}
-    feats.update({"observation.state": {"dtype": "float32", "shape": [8], "names": {"motors": STATE_NAMES}},
-                  "action": {"dtype": "float32", "shape": [7], "names": {"motors": STATE_NAMES[:6] + ["gripper"]}},
-                  "timestamp": {"dtype": "float32", "shape": [1]}, "frame_index": {"dtype": "int64", "shape": [1]},
-                  "episode_index": {"dtype": "int64", "shape": [1]}, "index": {"dtype": "int64", "shape": [1]},
-                  "task_index": {"dtype": "int64", "shape": [1]}})
-    v2 = version.startswith("v2")
-    info = {"codebase_version": version, "robot_type": "widowx", "fps": fps, "chunks_size": 1000, "features": feats,
-            "data_path": ("data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet" if v2 else
-                          "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"),
-            "video_path": None if not video else (
-                "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4" if v2
-                else "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")}
-    os.makedirs(root / "meta", exist_ok=True)
-    json.dump(info, open(root / "meta" / "info.json", "w"))
-
-    def png(img):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
-
-    def columns(e):
-        cols = {"observation.state": pa.array(truth[e]["states"].tolist(), pa.list_(pa.float32())),
-                "action": pa.array(truth[e]["actions"].tolist(), pa.list_(pa.float32())),
-                "timestamp": pa.array([t / fps for t in range(n)], pa.float32()),
-                "frame_index": list(range(n)), "episode_index": [e] * n,
-                "index": list(range(e * n, e * n + n)), "task_index": [e] * n}
-        if not video:
-            for k in cameras:
-                cols[k] = [{"bytes": png(img), "path": f"frame_{t}.png"} for t, img in enumerate(truth[e]["images"][k])]
-        return cols
-
-    if v2:
-        with open(root / "meta" / "tasks.jsonl", "w") as f:
-            f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
-        with open(root / "meta" / "episodes.jsonl", "w") as f:
-            f.writelines(json.dumps({"episode_index": e, "tasks": [tasks[e]], "length": n}) + "\n" for e in range(2))
-        for e in range(2):
-            write_parquet(root / f"data/chunk-000/episode_{e:06d}.parquet", columns(e))
-            for k in cameras if video else ():
-                write_mp4(root / f"videos/chunk-000/{k}/episode_{e:06d}.mp4", truth[e]["images"][k], fps)
-    else:
-        write_parquet(root / "meta/tasks.parquet", {"task_index": [0, 1], "task": tasks})
-        first, second = columns(0), columns(1)
-        write_parquet(root / "data/chunk-000/file-000.parquet",  # both episodes in one file
-                      {c: pa.concat_arrays([pa.array(first[c]), pa.array(second[c])]) for c in first})
-        ep_meta = {"episode_index": [0, 1], "tasks": [[tasks[0]], [tasks[1]]], "length": [n, n],
-                   "data/chunk_index": [0, 0], "data/file_index": [0, 0],
-                   "dataset_from_index": [0, n], "dataset_to_index": [n, 2 * n],
-                   "stats/action/mean": [[0.0] * 7, [0.0] * 7]}
-        for k in cameras if video else ():
-            write_mp4(root / f"videos/{k}/chunk-000/file-000.mp4", truth[0]["images"][k] + truth[1]["images"][k], fps)
-            ep_meta.update({f"videos/{k}/chunk_index": [0, 0], f"videos/{k}/file_index": [0, 0],
-                            f"videos/{k}/from_timestamp": [0.0, n / fps],
-                            f"videos/{k}/to_timestamp": [n / fps, 2 * n / fps]})
-        write_parquet(root / "meta/episodes/chunk-000/file-000.parquet", ep_meta)
+def lerobot_set(root, version, video, cameras=("observation.images.image_0",), fps=5):
+    """A tiny LeRobot dataset written by data.write_lerobot (2 episodes x 5 frames, 32x32), its state in
+    Bridge's layout (x y z roll pitch yaw pad gripper)."""
+    truth, tasks = lerobot_truth(), ["put the spoon on the towel", "open the drawer"]
+    eps = [dict(id=f"ep{e}", instruction=tasks[e], robot="widowx",
+                steps=[dict(image=[t["images"][k][i] for k in cameras] if len(cameras) > 1 else t["images"][cameras[0]][i],
+                            state=t["states"][i], action=t["actions"][i]) for i in range(5)])
+           for e, t in enumerate(truth)]
+    data.write_lerobot(eps, root, "v3.0" if version == "v3.0" else "v2.1", video, fps, camera_keys=cameras,
+                       state_names=STATE_NAMES)
+    if version == "v2.0":  # v2.0 differs from v2.1 only in its statistics files, which the reader skips
+        info = json.load(open(root / "meta" / "info.json"))
+        json.dump({**info, "codebase_version": "v2.0"}, open(root / "meta" / "info.json", "w"))
     return truth, tasks
 
 
@@ -1145,7 +1072,7 @@ def write_lerobot(root, version, video, cameras=("observation.images.image_0",),
     ("v3.0", True, ("observation.images.image_0", "observation.images.image_1"))])
 def test_lerobot_read_back(tmp_path, version, video, cameras):
     root = tmp_path / "bridge_orig_lerobot"
-    truth, tasks = write_lerobot(root, version, video, cameras)
+    truth, tasks = lerobot_set(root, version, video, cameras)
     eps = data.read_lerobot(root)
     assert [e["id"] for e in eps] == ["bridge_orig_lerobot/0", "bridge_orig_lerobot/1"]
     for e, (ep, t) in enumerate(zip(eps, truth)):
@@ -1172,7 +1099,7 @@ def test_lerobot_lazy_frames_decode_to_the_eager_ones(tmp_path, version, video):
     """load_images=False: records hold LazyFrames (no image bytes read), open_image gives the same pixels."""
     cameras = ("observation.images.image_0", "observation.images.image_1")
     root = tmp_path / "bridge_orig_lerobot"
-    write_lerobot(root, version, video, cameras)
+    lerobot_set(root, version, video, cameras)
     eager, lazy = data.read_lerobot(root), data.read_lerobot(root, load_images=False)
     for a, b in zip(eager, lazy):
         for sa, sb in zip(a["steps"], b["steps"]):
@@ -1187,7 +1114,7 @@ def test_lerobot_lazy_frames_decode_to_the_eager_ones(tmp_path, version, video):
 
 def test_lerobot_fractal_state_and_errors(tmp_path):
     root = tmp_path / "ds"
-    write_lerobot(root, "v2.0", False)
+    lerobot_set(root, "v2.0", False)
     info = json.load(open(root / "meta/info.json"))
     info["robot_type"] = "google_robot"
     info["features"]["observation.state"]["names"] = {"motors": ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]}
@@ -1258,7 +1185,7 @@ def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
 
 def test_lerobot_video_missing_frame(tmp_path):
     root = tmp_path / "ds"
-    write_lerobot(root, "v3.0", True)
+    lerobot_set(root, "v3.0", True)
     import pyarrow as pa
     import pyarrow.parquet as pq
     path = root / "meta/episodes/chunk-000/file-000.parquet"
@@ -1267,6 +1194,72 @@ def test_lerobot_video_missing_frame(tmp_path):
     pq.write_table(t.set_column(t.column_names.index(k), k, pa.array([0.0, 5.0])), path)
     with pytest.raises(DataError, match=r"episode 1 field 'observation.images.image_0': no frame within"):
         data.read_lerobot(root, episodes=[1])
+
+
+@pytest.mark.parametrize("version,video", [("2.1", False), ("3.0", False), ("3.0", True)])
+def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
+    """export-lerobot SRC OUT: inspect and read_lerobot give back SRC's frames (PNG exact, mp4 within codec error)."""
+    if video:
+        pytest.importorskip("av", reason="mp4 export needs PyAV (av)")
+    cameras = ("overhead_camera", "wrist_camera") if video else ("overhead_camera",)
+    src, out = tmp_path / "demo", tmp_path / "demo_lerobot"
+    data.write_episodes([tabletop.expert_episode(t, 5, 64, cameras) for t in tabletop.TASKS[:2]], src)
+    data.main(["export-lerobot", str(src), str(out), "--version", version] + ["--video"] * video)
+    assert sorted(os.listdir(tmp_path)) == ["demo", "demo_lerobot"]               # no temporary folder left
+    before, after = data.inspect_path(src), data.inspect_path(out)
+    assert after[0] == f"format: LeRobot v{version} (fps 5)"
+    if not video:  # LeRobot v2.1 loads its parquet without features: the image type travels in the schema
+        import pyarrow.parquet as pq
+        hf = json.loads(pq.read_schema(next(out.glob("data/*/*.parquet"))).metadata[b"huggingface"])
+        assert hf["info"]["features"]["observation.images.image"] == {"_type": "Image"}
+    same = [line for line in before if not line.startswith(("format", "cameras", "reasoning"))]
+    assert same == [line for line in after if not line.startswith(("format", "cameras", "reasoning"))]
+    for lazy in (False, True):
+        back, want = data.read_lerobot(out, load_images=not lazy), data.read_episodes(src)
+        assert [e["instruction"] for e in back] == [e["instruction"] for e in want]
+        assert {e["robot"] for e in back} == {"tabletop"}
+        for a, b in zip(back, want):
+            assert len(a["steps"]) == len(b["steps"])
+            for s, t in zip(a["steps"], b["steps"]):
+                assert np.array_equal(s["state"], t["state"]) and np.array_equal(s["action"], t["action"])
+                got = [data.open_image(x) for x in (s["image"] if video else [s["image"]])]
+                for x, y in zip(got, t["image"] if video else [t["image"]]):
+                    err = np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean()
+                    assert x.size == y.size and (err < 8 if video else err == 0), err  # yuv420p: wrist edges ~6
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_write_lerobot_v3_starts_a_new_file_past_the_size_limit(tmp_path, monkeypatch, video):
+    if video:
+        pytest.importorskip("av", reason="mp4 export needs PyAV (av)")
+    monkeypatch.setattr(data, "LEROBOT_FILE_MB", 1e-4)                        # every episode passes it
+    root = tmp_path / "ds"
+    truth, tasks = lerobot_set(root, "v3.0", video)
+    assert len(list(root.glob("data/chunk-000/file-*.parquet"))) == 2
+    assert len(list(root.glob("videos/*/chunk-000/file-*.mp4"))) == 2 * video
+    eps = data.read_lerobot(root)
+    assert [e["instruction"] for e in eps] == tasks
+    for ep, t in zip(eps, truth):
+        np.testing.assert_array_equal(np.stack([s["action"] for s in ep["steps"]]), t["actions"])
+        for step, want in zip(ep["steps"], t["images"]["observation.images.image_0"]):
+            err = np.abs(np.asarray(step["image"], np.float32) - np.asarray(want, np.float32)).mean()
+            assert err < 4 if video else err == 0, err
+
+
+def test_export_lerobot_bad_input_and_existing_out(tmp_path, capsys):
+    src, out = tmp_path / "eps", tmp_path / "ds"
+    assert "no episodes.jsonl" in error_line(capsys, data.main, ["export-lerobot", str(tmp_path / "nope"), str(out)])
+    assert not out.exists() and os.listdir(tmp_path) == []
+    data.write_episodes(make_episodes()[:1], src)
+    data.main(["export-lerobot", str(src), str(out), "--version", "2.1"])
+    assert "already exists" in error_line(capsys, data.main, ["export-lerobot", str(src), str(out)])
+    assert data.lerobot_meta(out)["version"] == "v2.1"                             # left as it was
+    data.main(["export-lerobot", str(src), str(out), "--overwrite"])
+    assert data.lerobot_meta(out)["version"] == "v3.0" and sorted(os.listdir(tmp_path)) == ["ds", "eps"]
+    data.write_episodes(make_episodes(), tmp_path / "mixed")                        # one camera, then two
+    assert "step 0 field 'image'" in error_line(capsys, data.main, ["export-lerobot", str(tmp_path / "mixed"),
+                                                                    str(tmp_path / "ds2")])
+    assert not (tmp_path / "ds2").exists()
 
 
 # ---------------------------------------------------------------------------------- annotations
@@ -1441,7 +1434,7 @@ def test_inspect_cli(tmp_path):
     assert "episodes: 2" in lines and "frames: 7" in lines and "cameras: ['32x32']" in lines
     assert "reasoning: 5/7 frames (71.4%)" in lines and "action: 7 dims" in lines
     assert len([x for x in lines if x.startswith("    ")]) == 7  # one q01/q99 row per action dim
-    write_lerobot(tmp_path / "lr", "v3.0", False)
+    lerobot_set(tmp_path / "lr", "v3.0", False)
     out = run_cli("inspect", tmp_path / "lr", "--max-episodes", "1")
     assert out.returncode == 0, out.stderr
     assert "format: LeRobot v3.0 (fps 5)" in out.stdout and "episodes: 1\nframes: 5" in out.stdout
@@ -3489,33 +3482,13 @@ def test_gripper_dims_per_arm():
 
 def write_lerobot_bimanual(root, n_eps=2, n=6):
     """A tiny LeRobot v2.1 dataset of a two-armed robot: head and wrist image keys, 14-D state and action."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     keys = ("observation.images.head", "observation.images.wrist_left")
     rng = np.random.default_rng(3)
-    feats = {k: {"dtype": "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]} for k in keys}
-    feats.update({"observation.state": {"dtype": "float32", "shape": [14]}, "action": {"dtype": "float32", "shape": [14]},
-                  **{c: {"dtype": "int64", "shape": [1]} for c in ("frame_index", "episode_index", "index", "task_index")}})
-    os.makedirs(root / "meta")
-    json.dump({"codebase_version": "v2.1", "robot_type": "r1lite", "fps": 10, "chunks_size": 1000, "features": feats,
-               "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"},
-              open(root / "meta" / "info.json", "w"))
-    (root / "meta" / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "hand over the cup"}) + "\n")
-    (root / "meta" / "episodes.jsonl").write_text("".join(
-        json.dumps({"episode_index": e, "tasks": ["hand over the cup"], "length": n}) + "\n" for e in range(n_eps)))
-
-    def png(k, e, t):
-        buf = io.BytesIO()
-        Image.new("RGB", (32, 32), (40 * e, 30 * t, 100 * keys.index(k))).save(buf, format="PNG")
-        return {"bytes": buf.getvalue(), "path": f"{e}_{t}.png"}
-
-    for e in range(n_eps):
-        cols = {"observation.state": pa.array(rng.normal(size=(n, 14)).tolist(), pa.list_(pa.float32())),
-                "action": pa.array(rng.normal(size=(n, 14)).tolist(), pa.list_(pa.float32())),
-                "frame_index": list(range(n)), "episode_index": [e] * n, "index": list(range(e * n, e * n + n)),
-                "task_index": [0] * n, **{k: [png(k, e, t) for t in range(n)] for k in keys}}
-        os.makedirs(root / "data" / "chunk-000", exist_ok=True)
-        pq.write_table(pa.table(cols), root / "data" / "chunk-000" / f"episode_{e:06d}.parquet")
+    eps = [dict(id=f"ep{e}", instruction="hand over the cup", robot="r1lite",
+                steps=[dict(image=[Image.new("RGB", (32, 32), (40 * e, 30 * t, 100 * c)) for c in range(len(keys))],
+                            state=rng.normal(size=14), action=rng.normal(size=14)) for t in range(n)])
+           for e in range(n_eps)]
+    data.write_lerobot(eps, root, "v2.1", fps=10, camera_keys=keys)
     return keys
 
 
@@ -3541,7 +3514,7 @@ def test_own_robot_lerobot_set_with_two_cameras_and_14_dof(tmp_path, capsys):
 def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
     import bench
     eps, _ = bench.demo_records(1)
-    bench.write_lerobot_copy(eps, str(tmp_path / "ds"))
+    data.write_lerobot(eps, str(tmp_path / "ds"), "v2.1")
     back = data.read_lerobot(str(tmp_path / "ds"))
     assert [e["instruction"] for e in back] == [e["instruction"] for e in eps]
     for a, b in zip(back, eps):
@@ -3550,6 +3523,8 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
             assert np.array_equal(np.asarray(s["image"]), np.asarray(t["image"]))
             np.testing.assert_allclose(s["action"], t["action"], rtol=1e-6)
             np.testing.assert_allclose(s["state"], t["state"], rtol=1e-6)
+    ratio, read = bench.lerobot_reader_ratio(eps, 1.0)      # the bench reads a copy the same writer makes
+    assert ratio == read > 0
 
 
 def test_bench_model_flops_count_only_the_gradients_computed(tiny_path):
