@@ -1163,7 +1163,7 @@ def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     root = tmp_path / "fractal"
-    write_lerobot(root, "v2.1", False)
+    lerobot_set(root, "v2.1", False)
     info = json.load(open(root / "meta/info.json"))
     info["robot_type"] = "google_robot"
     info["features"]["observation.state"]["names"] = {"motors": FRACTAL_STATE_NAMES}
