@@ -2582,7 +2582,7 @@ def test_oracle_ranks_expert_above_random_end_to_end(tmp_path):
     for r in recs:  # the task example is the KB trajectory with this rollout's instruction
         assert r["examples"][0] == f"pick up the {r['task']} object"
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| R | A | I | RA | Sim | VLA Score |" in md and "| expert | 2 |" in md
+    assert "| R | A | I | RA | Sim | VLA Score |" in md and "| expert | reasoning | 2 |" in md
 
 
 def test_oracle_follows_tabletop_conventions(tmp_path):
@@ -2631,7 +2631,7 @@ def test_specialist_prompt_asks_action_and_intention_only():
     rollout = dict(instruction="pick up the can", actions=np.zeros((4, 7)), reasoning=[None] * 4,
                    frame_steps=[0, 3], images=[solid((1, 2, 3)), solid((4, 5, 6))])
     cfg = vs.ScoreConfig()
-    assert vs.rollout_mode(rollout, cfg) == "specialist"
+    assert vs.policy_modes([rollout], cfg) == {"policy": "specialist"}
     text, images = vs.build_prompt(rollout, [], "specialist", cfg)
     assert '"Action"' in text and '"Intention"' in text and '"Reasoning"' not in text and '"Alignment"' not in text
     assert len(images) == 2
@@ -2646,7 +2646,7 @@ def test_hf_judge_with_tiny_model(tmp_path):
     assert isinstance(answer, str)
     d = random_rollout(tmp_path / "ro", "pick", 0, (200, 0, 0))
     ro = vs.read_rollouts(d.parent)[0]
-    rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2))
+    rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2), "reasoning")
     assert rec["failed"] and rec["error"]  # a random model's answer is not JSON: recorded, not raised
 
 
