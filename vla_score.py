@@ -833,7 +833,9 @@ def add_score_args(p):
     p.add_argument("--image-embedder", default=d.image_embedder,
                    help="CLIP-like model for scene retrieval, or `pixels` (16x16 thumbnails, offline demos)")
     p.add_argument("--mode", default=d.mode, choices=["auto", "reasoning", "specialist"],
-                   help="Eq. 8 branch; auto = reasoning iff the rollout has reasoning text")
+                   help="Eq. 8's branch, one per policy; auto = reasoning iff the policy reasons in any rollout")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the judgements already in OUT/scores.jsonl (failed ones are asked again)")
     p.add_argument("--specialist-ra", default=d.specialist_ra, choices=["one", "judge"],
                    help="specialists: RA = 1 (paper-consistent, default) or judged against the instruction")
     p.add_argument("--build-kb", default="", metavar="KB_JSONL",
