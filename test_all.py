@@ -2221,7 +2221,9 @@ GOOD = '```json\n{"Thought": "fine", "Result": {"Action": 8, "Intention": 9, "Re
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Speaks /v1/chat/completions from a script of (status, headers, body, delay) replies; records requests."""
+    """Speaks /v1/chat/completions from a script of (status, headers, body, delay[, drip]) replies; records
+    requests. body may be a function of the handler (a server that echoes the request); drip > 0 sends
+    the body one byte every `drip` seconds. Waits end when the server stops, so nothing outlives a test."""
 
     def log_message(self, *args):
         pass
@@ -2235,16 +2237,23 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.requests.append((self.path, dict(self.headers), json.loads(body)))
-        status, headers, payload, delay = (self.server.replies.pop(0) if self.server.replies
-                                           else (200, {}, chat(GOOD), 0))
-        time.sleep(delay)
+        status, headers, payload, delay, *drip = (self.server.replies.pop(0) if self.server.replies
+                                                  else (200, {}, chat(GOOD), 0))
+        payload = payload(self) if callable(payload) else payload
+        if self.server.stop.wait(delay):
+            return
         try:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not drip:
+                self.wfile.write(payload)
+            for k in range(len(payload) if drip else 0):
+                self.wfile.write(payload[k:k + 1])
+                if self.server.stop.wait(drip[0]):
+                    return
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
             pass
 
@@ -2253,11 +2262,13 @@ class Handler(BaseHTTPRequestHandler):
 def chat_server(replies, models_status=200):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.replies, server.requests, server.models_status = list(replies), [], models_status
+    server.stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
+        server.stop.set()
         server.shutdown()
         server.server_close()
 
@@ -2478,6 +2489,59 @@ def test_make_judge_bad_setup(monkeypatch):
             vs.make_judge(vs.ScoreConfig(base_url=url))
     with pytest.raises(UserError, match="oracle"):
         vs.make_judge(vs.ScoreConfig(judge="oracle"))("a question", [])
+
+
+def test_judge_deadline_holds_against_a_silent_or_dripping_server():
+    silent = (200, {}, chat(GOOD), 60)                  # answers after a minute
+    dripping = (200, {}, chat(GOOD), 0, 0.5)            # one byte every 0.5 s: ~90 s for the whole reply
+    for reply in (silent, dripping):
+        with chat_server([reply]) as (server, url):
+            t0 = time.monotonic()
+            with pytest.raises(vs.JudgeError, match="TimeoutError: no complete reply within 1 s"):
+                vs.openai_chat("x", [], cfg_for(url, retries=0, timeout=1.0), "k")
+            assert time.monotonic() - t0 < 1.0 + 2.0
+    # the run's deadline bounds the call below its own --timeout, and the next call stops the run
+    with chat_server([silent]) as (server, url), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "k")
+        judge_fn = vs.make_judge(cfg_for(url, retries=3, timeout=30.0, run_timeout=1.0))
+        t0 = time.monotonic()
+        with pytest.raises(vs.JudgeError):
+            judge_fn("x")
+        assert time.monotonic() - t0 < 1.0 + 2.0
+        with pytest.raises(vs.JudgeAbort, match="--run-timeout 1 s spent after 1 judge calls"):
+            judge_fn("x")
+        assert judge_fn.stats["failed"] == 1 and len(server.requests) == 1
+
+
+def test_judge_aborts_after_failures_in_a_row_and_redacts_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()   # a server that echoes the request
+    with chat_server([(400, {}, echo, 0), (200, {}, chat("B"), 0), (500, {}, echo, 0), (500, {}, echo, 0),
+                      (200, {}, b"garbage", 0), (200, {}, b"garbage", 0)]) as (server, url):
+        judge_fn = vs.make_judge(cfg_for(url, retries=1, abort_after=2))
+        with pytest.raises(vs.JudgeError) as e:
+            judge_fn("x")
+        assert "HTTP 400" in str(e.value) and "Bearer [redacted]" in str(e.value) and "sk-secret" not in str(e.value)
+        assert judge_fn("x") == "B"                      # a success resets the count
+        with pytest.raises(vs.JudgeError, match="after 2 tries"):
+            judge_fn("x")
+        with pytest.raises(vs.JudgeAbort, match="failed 2 calls in a row .*malformed reply"):
+            judge_fn("x")
+    assert judge_fn.stats == dict(judge_fn.stats, calls=4, failed=3, in_a_row=2)
+    assert server.requests[0][1]["Authorization"] == "Bearer sk-secret-123"
+    with chat_server([(200, {}, lambda h: chat(f"your key is {h.headers['Authorization']}"), 0)]) as (_, url):
+        assert vs.make_judge(cfg_for(url))("x") == "your key is Bearer [redacted]"
+
+
+def test_openai_base_url_from_the_environment(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert vs.base_url(vs.ScoreConfig()) == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with chat_server([(200, {}, chat("ok"), 0)]) as (server, url):
+        monkeypatch.setenv("OPENAI_BASE_URL", url + "/")
+        assert vs.make_judge(vs.ScoreConfig(model="judge-x"))("x") == "ok"
+        assert server.requests[0][0] == "/v1/chat/completions"
+    assert vs.base_url(vs.ScoreConfig(base_url="http://other:1/v1")) == "http://other:1/v1"  # the flag wins
 
 
 # ----------------------------------------------------------------------------- retrieval

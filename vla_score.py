@@ -278,9 +278,11 @@ def base_url(cfg):
 
 
 def redact(text, api_key):
-    """The text with the API key and any bearer token replaced: a server may echo the request."""
+    """The text with the API key and any bearer token replaced: a server may echo the request. A key
+    under 8 characters is a keyless server's placeholder ("EMPTY"), not a secret: replacing it would
+    garble every answer that happens to contain it."""
     text = re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", str(text))
-    return text.replace(api_key, "[redacted]") if api_key else text
+    return text.replace(api_key, "[redacted]") if api_key and len(api_key) >= 8 else text
 
 
 def http_request(method, url, body, headers, timeout):
