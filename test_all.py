@@ -2691,6 +2691,63 @@ def test_openai_run_counts_failures_and_sends_examples(tmp_path, monkeypatch):
     assert [r for r in recs if r["failed"]][0]["error"].startswith("no ")
 
 
+def test_vla_score_run_survives_a_failing_judge_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-123")
+    for seed, task in enumerate(("pick", "place")):
+        expert_rollout(tmp_path / "ro", task, seed, (210, 40, 40))
+        random_rollout(tmp_path / "ro", task, 10 + seed, (40, 190, 60))
+    out = tmp_path / "out"
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()
+    replies = [(200, {}, chat(GOOD), 0),                           # episode 1: judged
+               (200, {}, lambda h: chat(echo(h).decode()), 0),     # 2: an answer without scores, echoing the key
+               (200, {}, chat(GOOD), 60), (400, {}, echo, 0),      # 3: never answers, then an error echoing the key
+               (500, {}, b"oops", 0), (200, {}, chat(GOOD), 0, 0.5)]  # 4: 500, then dripped: the 2nd failure in a row
+    argv = ["vla-score", "--rollouts", str(tmp_path / "ro"), "--out", str(out), "--judge", "openai", "--model",
+            "judge-x", "--api-key-env", "JUDGE_KEY", "--timeout", "1", "--retries", "1", "--backoff", "0.01",
+            "--parse-retries", "0", "--abort-after", "2", "--n-frames", "2"]
+    with chat_server(replies) as (server, url):
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--base-url", url])
+        assert time.monotonic() - t0 < 4 * 1.0 + 10  # four timed-out or failed tries at most, each cut at 1 s
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err
+    err = err.splitlines()[-1]                          # after the progress bar: one line
+    assert err.startswith("error: ")
+    assert "failed 2 calls in a row" in err and "3 judgements kept" in err and "--resume" in err
+    recs = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["failed"] for r in recs] == [False, True, True]
+    assert "Bearer [redacted]" in recs[1]["answer"] and "HTTP 400" in recs[2]["error"]
+    assert all("sk-secret" not in p.read_text() for p in out.iterdir())
+    first = recs[0]["episode"]
+    with chat_server([]) as (server, url):            # the endpoint is back: --resume judges the other three
+        evaluate.main(argv + ["--base-url", url, "--resume"])
+    assert len(server.requests) == 3
+    recs = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and not any(r["failed"] for r in recs) and recs[0]["episode"] == first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["judge_calls"] == 3
+    assert {p: r["mode"] for p, r in summary["policies"].items()} == {"expert": "reasoning", "random": "reasoning"}
+
+
+def test_eq8_branch_once_per_policy_and_unjudged_episodes_count():
+    reasons = ["MOVE: move left"] + [None] * 3                 # a pruned policy: reasoning on keyframes only
+    rollouts = [dict(policy="dual", reasoning=reasons), dict(policy="dual", reasoning=[None] * 4),
+                dict(policy="spec", reasoning=[None] * 4)]
+    assert vs.policy_modes(rollouts, vs.ScoreConfig()) == {"dual": "reasoning", "spec": "specialist"}
+    assert vs.policy_modes(rollouts, vs.ScoreConfig(mode="specialist")) == {"dual": "specialist", "spec": "specialist"}
+    rec = lambda success, failed, score=None: dict(policy="dual", mode="reasoning", success=success, failed=failed,
+                                                   vla_score=score, R=None if failed else 8, A=None if failed else 6,
+                                                   I=None if failed else 5, RA=None if failed else 9)
+    # scores 49.5 (success), unjudged (success), 0 (failure), unjudged (failure)
+    row = vs.summarize([rec(True, False, 49.5), rec(True, True), rec(False, False, 0.0), rec(False, True)])["dual"]
+    assert row["VLA_Score"] == pytest.approx(round(49.5 / 4, 1))       # every episode, unjudged ones as 0
+    assert row["VLA_Score_judged"] == pytest.approx(24.8) and row["Sim"] == 50.0 and row["Sim_judged"] == 50.0
+    assert (row["episodes"], row["failed"], row["R"], row["A"]) == (4, 2, 80.0, 60.0)
+    assert "| dual | reasoning | 4 | 80.0 | 60.0 | 50.0 | 90.0 | 50.0 | 12.4 | 2 (24.8 over 2) |" in vs.score_table(
+        {"dual": row})
+
+
 def test_specialist_prompt_asks_action_and_intention_only():
     rollout = dict(instruction="pick up the can", actions=np.zeros((4, 7)), reasoning=[None] * 4,
                    frame_steps=[0, 3], images=[solid((1, 2, 3)), solid((4, 5, 6))])
