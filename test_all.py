@@ -7,6 +7,7 @@ import argparse
 import ast
 import base64
 import csv
+import dataclasses
 import io
 import functools
 import json
@@ -40,7 +41,7 @@ import train
 import vla_score as vs
 from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_choice, extract_yes_no,
                         main_mm, mm_prompt, mm_table, normalize_vqa_answer, ocrbench_hit, parse_bench, read_tsv,
-                        row_images, select_rows, tsv_path, vqa_accuracy)
+                        row_images, score_row, select_rows, tsv_path, vqa_accuracy)
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, Policy, RandomPolicy, SimConfig,
@@ -2176,6 +2177,107 @@ def test_end_to_end_with_a_stand_in_answerer(tmp_path):
     bad = evaluate_mm(model, MMConfig(bench="MMVet", data_root=str(tmp_path), out=str(tmp_path / "r2")),
                       judge=lambda p: "great answer")                         # unparsable: 0, like VLMEvalKit
     assert bad["benchmarks"]["MMVet"]["score"] == 0.0
+
+
+def test_mcq_judge_fallback_prompt_and_parse():
+    opts = {"A": "cone", "B": "sphere"}
+    prompt = benchmarks.mcq_judge_prompt("Which shape is round", opts, " a ball, I think ")
+    assert prompt.endswith("Example 3: \nQuestion: Which shape is round?\nOptions: There are several options: \n"
+                           "A. cone\nB. sphere\n\nAnswer: a ball, I think\nYour output: ")
+    assert "A, B (those that are valid options), or Z" in prompt and prompt.count("Your output: ") == 3
+    asked = []
+
+    def judge(replies):
+        def call(p):
+            asked.append(p)
+            return replies.pop(0)
+        return call
+    assert benchmarks.judge_choice(judge(["B"]), "q", opts, "a ball") == ("B", "B", None)
+    assert benchmarks.judge_choice(judge(["Z"]), "q", opts, "a cat")[0] == "Z"         # read: no option
+    letter, reply, error = benchmarks.judge_choice(judge(["hmm", "well", "no idea"]), "q", opts, "x")
+    assert (letter, reply, error) == (None, "no idea", "no option letter in 3 judge replies") and len(asked) == 5
+    row = dict(question="Which shape is round", options=opts, answer="B")
+    asked.clear()
+    assert score_row(row, "Cannot determine the answer", "accuracy", judge(["B"])) == dict(
+        extracted=None, hit=0.0, judged=False, error=None)               # a refusal is read (Z): no judge
+    assert score_row(row, "B", "accuracy", judge(["A"]))["hit"] == 1.0 and not asked  # exact matching first
+    assert score_row(row, "a ball", "accuracy") == dict(extracted=None, hit=0.0, judged=False, error=None)
+    assert score_row(row, "a ball", "accuracy", judge(["B"])) == dict(
+        extracted="B", hit=1.0, judged=True, error=None, reply="B")
+    assert score_row(row, "a cube", "accuracy", judge(["Z"]))["hit"] == 0.0
+
+
+def test_mmmu_answers_that_are_not_one_letter_score_as_vlmevalkit(tmp_path):
+    img = b64_png("red")
+    path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", ["index", "image", "question", "A", "B", "C", "D", "answer",
+                                                    "split"], [
+        [0, img, "Which two are prime?", "2", "4", "3", "6", "['A', 'C']", "validation"],
+        [1, img, "Which two are prime?", "2", "4", "3", "6", "['A', 'C']", "validation"],
+        [2, img, "What is 6 times 7?", "", "", "", "", "42", "validation"],
+        [3, img, "Which is even?", "1", "4", "3", "5", "B", "validation"]])
+    rows = select_rows(read_tsv(path), "mmmu", MMConfig(), path)            # no row refused
+    assert [benchmarks.mcq_target(r, "mmmu")[1] for r in rows] == ["A", "A", "A", "B"]
+    assert benchmarks.mcq_target(rows[2], "mmmu")[0] == {"A": "42", "B": "Other Answers"}
+    # VLMEvalKit keeps only A of a multi-answer row: "A" scores, "C" (also right) does not
+    hits = [score_row(r, p, "mmmu")["hit"] for r, p in zip(rows, ["A", "C", "It is 42", "B"])]
+    assert hits == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_mm_survives_a_failing_judge_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-123")
+    img = b64_png("red")
+    write_tsv(tmp_path / "MMStar.tsv", MMB_HEADER, [
+        [0, "What colour is the cube?", "", *OPTS.values(), "A", "colour", img, "perception", ""],
+        [1, "Which is round?", "", *OPTS.values(), "B", "shape", img, "perception", ""],
+        [2, "Which is pointed?", "", *OPTS.values(), "C", "shape", img, "perception", ""]])
+    write_tsv(tmp_path / "MMVet.tsv", ["index", "image", "question", "answer", "category"], [
+        [0, img, "What colour is the sign?", "red", "rec"], [1, img, "What is x?", "-1<AND>-5", "rec,math"]])
+    answers = {"What colour is the cube?": "A", "Which is round?": "the ball-like one",
+               "Which is pointed?": "the one with a tip", "What colour is the sign?": "Red.", "What is x?": "x = -1"}
+    out = tmp_path / "run"
+    cfg = MMConfig(bench="MMStar,MMVet", data_root=str(tmp_path), out=str(out), batch_size=2)
+    mm = out / "eval" / "mm"
+
+    def crash_on_second_batch(ims, q):
+        if len(crashing.calls) > 1:
+            raise RuntimeError("killed")
+        return next(v for k, v in answers.items() if k in q)
+    crashing = Answerer(crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_mm(crashing, cfg)
+    lines = (mm / "MMStar.predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("index") for x in lines] == [None, 0, 1]  # the header, then the first batch
+
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()
+    replies = [(200, {}, chat("B"), 0),                                  # MMStar row 1: the judge reads B
+               (500, {}, b"oops", 0), (500, {}, b"oops", 0),             # row 2: a failed item
+               (400, {}, echo, 0),                                       # MMVet row 0: fails, echoing the key
+               (200, {}, b"garbage", 0), (200, {}, chat("1.0"), 60)]     # row 1: the third failure in a row
+    model = Answerer(lambda ims, q: next(v for k, v in answers.items() if k in q))
+    with chat_server(replies) as (server, url):
+        judge = vs.make_judge(cfg_for(url, api_key_env="JUDGE_KEY", retries=1, timeout=1.0, abort_after=3))
+        with pytest.raises(vs.JudgeAbort, match="failed 3 calls in a row.*MMVet: predictions and judgements so far "
+                                                "kept in .*--resume"):
+            evaluate_mm(model, dataclasses.replace(cfg, resume=True), judge)
+    assert "Question: Which is pointed?" in model.calls[0]["questions"][0] and model.calls[0]["n"] == 1
+    s = json.loads((mm / "summary.json").read_text())["benchmarks"]
+    assert list(s) == ["MMStar"]                                         # written as it finished
+    star = s["MMStar"]
+    assert star["score"] == pytest.approx(200 / 3) and star["matching"] == "exact, then judge openai:judge-x"
+    assert (star["judged"], star["failed"], star["failed_items"]) == (2, 1, [2])
+    assert len((mm / "MMVet.predictions.jsonl").read_text().splitlines()) == 3
+    assert not any("sk-secret" in p.read_text() for p in mm.iterdir())
+    assert "Bearer [redacted]" in (mm / "MMVet.judgements.jsonl").read_text()
+
+    model.calls.clear()
+    with chat_server([(200, {}, chat("C"), 0), (200, {}, chat("1.0"), 0), (200, {}, chat("0.5"), 0)]) as (server, url):
+        judge = vs.make_judge(cfg_for(url, api_key_env="JUDGE_KEY"))
+        summary = evaluate_mm(model, dataclasses.replace(cfg, resume=True), judge)
+    assert model.calls == [] and len(server.requests) == 3              # nothing generated or judged twice
+    b = summary["benchmarks"]
+    assert b["MMStar"]["score"] == 100.0 and b["MMStar"]["failed"] == 0 and b["MMStar"]["judged"] == 2
+    assert b["MMVet"]["score"] == pytest.approx(75.0) and b["MMVet"]["failed_items"] == []
+    assert "| MMStar | accuracy | 3 | 100.0 | exact, then judge openai:judge-x (2, 0) |" in mm_table(summary)
 
 
 def test_unknown_benchmark_missing_file_and_cli_errors(tmp_path):
