@@ -4,7 +4,9 @@
 
 VLMEvalKit TSVs are read as they are, prompts and answer extraction follow VLMEvalKit's, and each
 benchmark keeps its own metric: choice accuracy, CircularEval, VQA accuracy, ANLS, OCRBench hits
-and MM-Vet's GPT-4 grader (any judge of vla_score.make_judge).
+and MM-Vet's GPT-4 grader (any judge of vla_score.make_judge). Multiple-choice answers are read by
+exact matching; with --judge, those it cannot read go to the judge, as VLMEvalKit's default does.
+Predictions and judge results are written as they come, so --resume continues a stopped run.
 """
 import ast
 import base64
@@ -264,12 +266,6 @@ def infer_choice(prediction, options):
         return None
     hits = [k for k, v in options.items() if str(v).lower() in low]
     return hits[0] if len(hits) == 1 else None
-
-
-def extract_choice(prediction, options):
-    """The option letter exact matching reads in the answer, or None (infer_choice without its 'Z')."""
-    letter = infer_choice(prediction, options)
-    return None if letter == "Z" else letter
 
 
 def extract_yes_no(prediction):
@@ -686,21 +682,23 @@ def run_benchmark(model, name, path, cfg, out_dir, judge=None):
     budget = cfg.max_new_tokens or budget
     pred_path = os.path.join(out_dir, f"{name}.predictions.jsonl")
     header = dict(benchmark=name, ckpt=cfg.ckpt, max_new_tokens=budget)
-    done = {json.dumps(p["index"]): str(p.get("prediction", "")) for p in
-            (read_jsonl_records(pred_path, header) if cfg.resume else [])}
-    fresh = not (cfg.resume and os.path.isfile(pred_path) and os.path.getsize(pred_path))
-    append = _appender(pred_path, fresh, header)
+    on_disk = lambda: {json.dumps(p["index"]): str(p.get("prediction", ""))
+                       for p in read_jsonl_records(pred_path, header)}
+    done = on_disk() if cfg.resume else {}
+    append = _appender(pred_path, fresh=not done, first=header)
     todo = [k for k, r in enumerate(rows) if json.dumps(r["index"]) not in done]
     generate_predictions(model, [rows[k] for k in todo], [prompts[k] for k in todo], budget, cfg.batch_size, name,
                          on_batch=lambda rs, ps: append([dict(index=r["index"], prediction=p) for r, p in zip(rs, ps)]))
-    on_disk = {json.dumps(p["index"]): str(p["prediction"]) for p in read_jsonl_records(pred_path, header)}
-    preds = [on_disk[json.dumps(r["index"])] for r in rows]  # what is on disk is what is scored
+    done = on_disk()
+    preds = [done[json.dumps(r["index"])] for r in rows]  # what is on disk is what is scored
 
+    # judge results are reused only for the same prediction and judge, and only when they succeeded
     judged_path = os.path.join(out_dir, f"{name}.judgements.jsonl")
+    judge_name = getattr(judge, "name", "judge")
     cache = {}
-    if cfg.resume:
+    if cfg.resume and judge is not None:
         cache = {(json.dumps(j["index"]), j.get("prediction")): j for j in read_jsonl_records(judged_path)
-                 if not j.get("error")}
+                 if not j.get("error") and j.get("judge") == judge_name}
     record_judgement = _appender(judged_path, fresh=not cfg.resume)
     # VLMEvalKit's circular prefetch: a rotation exact matching reads wrong loses the question, and
     # the judge is not asked about its other rotations
@@ -714,13 +712,13 @@ def run_benchmark(model, name, path, cfg, out_dir, judge=None):
             continue
         s = score_row(r, p, metric, judge, lost=metric == "circular" and r["index"] % CIRCULAR_OFFSET in lost)
         if s["judged"]:
-            record_judgement([dict(index=r["index"], prediction=p, **s)])
+            record_judgement([dict(index=r["index"], prediction=p, judge=judge_name, **s)])
         scored.append(s)
     hits = [s["hit"] for s in scored]
     result = summarize_benchmark(rows, hits, metric)
     failed = [r["index"] for r, s in zip(rows, scored) if s["error"]]
     if metric in MCQ_METRICS:
-        result["matching"] = "exact" if judge is None else f"exact, then judge {getattr(judge, 'name', 'judge')}"
+        result["matching"] = "exact" if judge is None else f"exact, then judge {judge_name}"
     if metric in MCQ_METRICS or metric == "judge":
         result.update(judged=sum(s["judged"] for s in scored), failed=len(failed), failed_items=failed)
     group = circular_hits(rows, hits) if metric == "circular" else {}

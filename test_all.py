@@ -39,7 +39,7 @@ import prune
 import tabletop
 import train
 import vla_score as vs
-from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_choice, extract_yes_no,
+from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_yes_no, infer_choice,
                         main_mm, mm_prompt, mm_table, normalize_vqa_answer, ocrbench_hit, parse_bench, read_tsv,
                         row_images, score_row, select_rows, tsv_path, vqa_accuracy)
 from data import DataError, reasoning_text
@@ -2012,7 +2012,7 @@ def test_read_tsv_bad_input_names_file_row_and_column(tmp_path):
         select_rows(read_tsv(p), "accuracy", MMConfig(), p)
 
 
-def test_extract_choice_hand_cases():
+def test_infer_choice_hand_cases():
     cases = {
         "C": "C",
         "The answer is B.": "B",
@@ -2025,15 +2025,15 @@ def test_extract_choice_hand_cases():
         "the red cube or the green sphere": None,  # two option texts
         "": None,
         "C is correct because the cone is blue and pointed": None,  # letter not among the last 4 tokens
-        "Cannot determine the answer": None,   # VLMEvalKit's refusal 'Z'
-        "Z": None,
+        "Cannot determine the answer": "Z",    # VLMEvalKit's refusal: read, no option (no judge asked)
+        "Z": "Z",
         "The answer is dog": None,       # VLMEvalKit reads D here (no word boundary); we do not
     }
     for pred, want in cases.items():
-        assert extract_choice(pred, OPTS) == want, pred
-    assert extract_choice("The answer is a cat", OPTS) == "A"  # the article: VLMEvalKit reads A too
+        assert infer_choice(pred, OPTS) == want, pred
+    assert infer_choice("The answer is a cat", OPTS) == "A"  # the article: VLMEvalKit reads A too
     long = "blue cone " * 20                                        # over twice the options' text length
-    assert extract_choice(long, OPTS) is None
+    assert infer_choice(long, OPTS) is None
 
 
 def test_vqa_accuracy_normalisation_and_leave_one_out():
