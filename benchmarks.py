@@ -832,6 +832,8 @@ def main_mm(args, judge=None):
         raise UserError("--batch-size must be ≥ 1, --max-new-tokens and --limit ≥ 0")
     if not os.path.isdir(cfg.ckpt):
         raise UserError(f"checkpoint folder not found: {cfg.ckpt}")
+    if getattr(judge, "name", "").startswith("oracle:"):
+        raise UserError("--judge oracle scores tabletop rollouts only; evaluate.py mm takes --judge openai or hf")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = DualVLA.from_pretrained(cfg.ckpt).to(device).eval()
     summary = evaluate_mm(model, cfg, judge)

@@ -524,7 +524,7 @@ def make_judge(args):
 
 
 def add_judge_args(p):
-    """The judge flags, shared with `evaluate.py mm` (MM-Vet)."""
+    """The judge flags, shared with `evaluate.py mm` (MM-Vet, and MCQ answers exact matching cannot read)."""
     d = ScoreConfig()
     p.add_argument("--judge", default=d.judge, choices=["openai", "hf", "oracle"],
                    help="openai: any OpenAI-compatible chat-completions server; hf: a local transformers VLM; "
