@@ -2291,6 +2291,9 @@ def test_unknown_benchmark_missing_file_and_cli_errors(tmp_path):
     _demo_root(tmp_path)
     with pytest.raises(UserError, match="checkpoint folder not found"):
         main_mm(p.parse_args(["--ckpt", str(tmp_path / "none"), "--bench", "TabletopYN", "--data-root", str(tmp_path)]))
+    with pytest.raises(UserError, match="--judge oracle scores tabletop rollouts only"):
+        main_mm(p.parse_args(["--ckpt", str(tmp_path), "--bench", "TabletopYN", "--data-root", str(tmp_path)]),
+                judge=vs.make_judge(vs.ScoreConfig(judge="oracle")))
 
 
 def test_tiny_model_over_the_tabletop_demo_tsvs(tmp_path, capsys):
