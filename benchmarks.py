@@ -5,7 +5,7 @@
 VLMEvalKit TSVs are read as they are, prompts and answer extraction follow VLMEvalKit's, and each
 benchmark keeps its own metric: choice accuracy, CircularEval, VQA accuracy, ANLS, OCRBench hits
 and MM-Vet's GPT-4 grader (any judge of vla_score.make_judge). Multiple-choice answers are read by
-exact matching; with --judge, those it cannot read go to the judge, as VLMEvalKit's default does.
+exact matching; with --judge, those it cannot read go to a judge model, as in VLMEvalKit's default.
 Predictions and judge results are written as they come, so --resume continues a stopped run.
 """
 import ast
@@ -499,7 +499,10 @@ MCQ_METRICS = ("accuracy", "circular", "mmmu")
 def score_row(row, prediction, metric, judge=None, lost=False):
     """One question's record: extracted, hit in [0, 1] (None for MM-Vet without a judge), judged (the
     judge was asked), error (a failed judge item: no hit, counted). MCQ answers exact matching cannot
-    read go to the judge when there is one; `lost`: a circular group already failed, so none asked."""
+    read go to the judge when there is one; `lost`: a circular group already failed, so none asked.
+    VLMEvalKit with a judge tries exact matching only on answers under 10 characters and sends longer
+    ones to the judge too; here exact matching reads first at any length, so the judge sees only what
+    it cannot read (fewer calls; they differ only where the two would read a long answer differently)."""
     rec = dict(extracted=None, hit=None, judged=False, error=None)
     if metric in MCQ_METRICS:
         options, gt = mcq_target(row, metric)

@@ -2589,6 +2589,8 @@ def test_make_judge_bad_setup(monkeypatch):
     with pytest.raises(UserError, match="cannot reach the judge endpoint"):
         vs.make_judge(vs.ScoreConfig(base_url=dead))
     assert time.time() - t0 < 5
+    with pytest.raises(UserError, match="'localhost:8000/v1' is not an http"):
+        vs.make_judge(vs.ScoreConfig(base_url="localhost:8000/v1"))
     with chat_server([], models_status=401) as (_, url):
         with pytest.raises(UserError, match="rejected the API key"):
             vs.make_judge(vs.ScoreConfig(base_url=url))

@@ -367,6 +367,9 @@ def probe_endpoint(cfg, api_key):
     """Fail fast, before anything is judged: GET <base_url>/models must answer within 10 s (any
     status but 401/403)."""
     url = base_url(cfg)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"judge endpoint {url!r} is not an http(s) URL (--base-url or $OPENAI_BASE_URL)")
     try:
         status, _, _ = http_request("GET", url + "/models", None, {"Authorization": f"Bearer {api_key}"},
                                     min(cfg.timeout, 10.0))
