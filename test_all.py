@@ -2649,6 +2649,13 @@ def test_openai_base_url_from_the_environment(monkeypatch):
         assert vs.make_judge(vs.ScoreConfig(model="judge-x"))("x") == "ok"
         assert server.requests[0][0] == "/v1/chat/completions"
     assert vs.base_url(vs.ScoreConfig(base_url="http://other:1/v1")) == "http://other:1/v1"  # the flag wins
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    with chat_server([(200, {}, chat("via the proxy"), 0)]) as (server, url):   # stands in for an http proxy
+        monkeypatch.setenv("http_proxy", url.rsplit("/", 1)[0])
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert vs.openai_chat("x", [], cfg_for("http://judge.invalid/v1"), "k") == "via the proxy"
+        assert server.requests[0][0] == "http://judge.invalid/v1/chat/completions"
 
 
 # ----------------------------------------------------------------------------- retrieval

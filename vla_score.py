@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -289,11 +290,21 @@ def http_request(method, url, body, headers, timeout):
     """(status, headers, body) of one HTTP exchange that must END within `timeout` seconds: connect,
     send, headers and the whole body. A socket timeout bounds each read only, so a reply dripped a
     byte at a time would never time out; the exchange runs in a thread and its socket is shut at the
-    deadline. Raises TimeoutError, OSError or http.client.HTTPException."""
+    deadline. $http_proxy / $https_proxy / $no_proxy are honoured, as urllib and the OpenAI client do
+    (through an https proxy: a CONNECT tunnel). Raises TimeoutError, OSError or http.client.HTTPException."""
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass_environment(parts.hostname):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        conn = cls(via.hostname, via.port, timeout=timeout)
+        if parts.scheme == "https":
+            conn.set_tunnel(parts.hostname, parts.port)
+        else:
+            path = url  # a plain-http proxy takes the absolute URL
+    else:
+        conn = cls(parts.hostname, parts.port, timeout=timeout)
     out = {}
 
     def exchange():
