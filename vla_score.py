@@ -290,7 +290,8 @@ def http_request(method, url, body, headers, timeout):
     """(status, headers, body) of one HTTP exchange that must END within `timeout` seconds: connect,
     send, headers and the whole body. A socket timeout bounds each read only, so a reply dripped a
     byte at a time would never time out; the exchange runs in a thread and its socket is shut at the
-    deadline. $http_proxy / $https_proxy / $no_proxy are honoured, as urllib and the OpenAI client do
+    deadline (the socket's own timeout, a second later, is only a backstop, so the deadline and its
+    message do not race with it). $http_proxy / $https_proxy / $no_proxy are honoured, as urllib and the OpenAI client do
     (through an https proxy: a CONNECT tunnel). Raises TimeoutError, OSError or http.client.HTTPException."""
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -298,13 +299,13 @@ def http_request(method, url, body, headers, timeout):
     proxy = urllib.request.getproxies_environment().get(parts.scheme)
     if proxy and not urllib.request.proxy_bypass_environment(parts.hostname):
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-        conn = cls(via.hostname, via.port, timeout=timeout)
+        conn = cls(via.hostname, via.port, timeout=timeout + 1.0)
         if parts.scheme == "https":
             conn.set_tunnel(parts.hostname, parts.port)
         else:
             path = url  # a plain-http proxy takes the absolute URL
     else:
-        conn = cls(parts.hostname, parts.port, timeout=timeout)
+        conn = cls(parts.hostname, parts.port, timeout=timeout + 1.0)
     out = {}
 
     def exchange():
