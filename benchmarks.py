@@ -4,7 +4,9 @@
 
 VLMEvalKit TSVs are read as they are, prompts and answer extraction follow VLMEvalKit's, and each
 benchmark keeps its own metric: choice accuracy, CircularEval, VQA accuracy, ANLS, OCRBench hits
-and MM-Vet's GPT-4 grader (any judge of vla_score.make_judge).
+and MM-Vet's GPT-4 grader (any judge of vla_score.make_judge). Multiple-choice answers are read by
+exact matching; with --judge, those it cannot read go to a judge model, as in VLMEvalKit's default.
+Predictions and judge results are written as they come, so --resume continues a stopped run.
 """
 import ast
 import base64
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from data import DataError, atomic_write, open_image
 from model import DualVLA, UserError
+from vla_score import JudgeAbort, JudgeError
 
 
 # ============================================================================= mm: eight benchmarks (NOTES §5)
@@ -66,6 +69,7 @@ class MMConfig:
     limit: int = 0                   # score only the first N questions of each benchmark (0: all)
     mmmu_split: str = "validation"   # the paper's MMMU number is the validation split of MMMU_DEV_VAL
     device: str = "auto"             # "auto": cuda when available, else cpu
+    resume: bool = False             # keep predictions and judgements already in OUT/eval/mm/; do the rest
 
 
 # ----------------------------------------------------------------------------- reading VLMEvalKit TSVs
@@ -232,27 +236,28 @@ REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process t
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 
 
-def extract_choice(prediction, options):
-    """The option letter a free-form answer picks, or None: VLMEvalKit's exact matching (can_infer).
+def infer_choice(prediction, options):
+    """The option letter a free-form answer picks, 'Z' when it picks none, or None when exact matching
+    cannot read it: VLMEvalKit's exact matching (can_infer), whose False sends an answer to the judge.
 
     1. Option letters as whole tokens after '.()[],:;!*#{}' become spaces: exactly one of them, among
        the last four tokens, is the answer ("C", "Answer: (C)", "**C**"); "A and B" picks nothing.
     2. "answer is x", any case ("the answer is b" -> B); a lone lowercase "b" is not a letter here.
     3. Else the one option whose text (case-insensitive) the answer contains, if the answer is at most
        twice as long as all option texts together.
-    A refusal or a lone "Z" (VLMEvalKit's 'Z') gives None with no text matching. Unlike VLMEvalKit's
+    A refusal or a lone "Z" gives 'Z' (read: no option) with no text matching. Unlike VLMEvalKit's
     rule 2, the letter must be a word of its own: VLMEvalKit reads "the answer is dog" as D. Both
     read "the answer is a cat" as A.
     """
     text = str(prediction).strip()
     if any(r in text for r in REFUSALS):
-        return None
+        return "Z"
     tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
     found = [c for c in options if c in tokens]
     if len(found) == 1 and tokens.index(found[0]) > len(tokens) - 5:
         return found[0]
     if not found and "Z" in tokens:
-        return None
+        return "Z"
     m = re.search(r"(?i)answer\s+is\s+\**([a-z])\**(?![a-z])", text)
     if m and m.group(1).upper() in options:
         return m.group(1).upper()
@@ -411,53 +416,117 @@ and their actual physical characteristics. | 1.0
 
 def mmvet_score(judge, question, answer, prediction, tries=5):
     """MM-Vet: the judge completes the table row with a score in [0, 1]. Like VLMEvalKit, 5 tries,
-    then 0.0; returns (score, the judge's last reply)."""
+    then 0.0; returns (score, the judge's last reply, error): error names a failed item (the judge
+    gave no number, or a call failed), which scores 0.0 and is counted."""
     prompt = MMVET_PROMPT + "\n" + " | ".join(
         [question, answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> "), str(prediction), ""])
     reply = ""
     for _ in range(tries):
-        reply = str(judge(prompt)).strip()
+        try:
+            reply = str(judge(prompt)).strip()
+        except JudgeError as e:
+            return 0.0, None, str(e)
         try:
             score = float(reply)
         except ValueError:
             continue
         if 0.0 <= score <= 1.0:
-            return score, reply
-    return 0.0, reply
+            return score, reply, None
+    return 0.0, reply, f"no score in [0, 1] in {tries} judge replies"
+
+
+# ----------------------------------------------------------------------------- MCQ judge
+
+
+MCQ_JUDGE_PROMPT = (
+    "You are an AI assistant who helps me match an answer to the options of a single-choice question. "
+    "You get a question, several options and an answer, and you must find the option whose meaning is "
+    "closest to the answer. If every option means something clearly different from the answer, output Z. "
+    "Output one single uppercase letter: {letters} (those that are valid options), or Z. \n"
+    "Example 1: \n"
+    "Question: What is the main object in image?\nOptions: A. teddy bear B. rabbit C. cat D. dog\n"
+    "Answer: a cute teddy bear\nYour output: A\n"
+    "Example 2: \n"
+    "Question: What is the main object in image?\nOptions: A. teddy bear B. rabbit C. cat D. dog\n"
+    "Answer: Spider\nYour output: Z\n"
+    "Example 3: \n"
+    "Question: {question}?\nOptions: {options}\nAnswer: {prediction}\nYour output: ")
+
+
+def mcq_judge_prompt(question, options, prediction):
+    """VLMEvalKit's choice-extraction prompt (multiple_choice.build_prompt) in its shape: the task, two
+    worked examples (a match, and Z for none), then the item, with the options as its
+    build_option_str lists them. Here the letters named are the item's own (VLMEvalKit: always A-D)."""
+    listed = "There are several options: \n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+    return MCQ_JUDGE_PROMPT.format(letters=", ".join(options), question=question, options=listed,
+                                   prediction=str(prediction).strip())
+
+
+def judge_choice(judge, question, options, prediction, tries=3):
+    """(letter or 'Z', the judge's last reply, error) for an answer exact matching cannot read:
+    VLMEvalKit's extract_answer_from_item, which asks up to 3 times and reads each reply with
+    can_infer. Where VLMEvalKit then picks a random option, here the item fails (error set, no hit)."""
+    prompt, reply = mcq_judge_prompt(question, options, prediction), None
+    for _ in range(tries):
+        try:
+            reply = str(judge(prompt))
+        except JudgeError as e:
+            return None, None, str(e)
+        letter = infer_choice(reply, options)
+        if letter is not None:
+            return letter, reply, None
+    return None, reply, f"no option letter in {tries} judge replies"
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
 def mcq_target(row, metric):
-    """(options, correct letter). MMMU's open questions become two options, A = the answer and
-    B = 'Other Answers', with A correct (VLMEvalKit's MMMU_preproc): a hit iff the prediction
-    contains the answer text or picks A."""
-    if metric == "mmmu" and not row["options"]:
-        return {"A": row["answer"], "B": "Other Answers"}, "A"
-    return row["options"], row["answer"]
+    """(options, correct letter), as VLMEvalKit's MMMU evaluation has them: an open question becomes
+    two options, A = the answer and B = 'Other Answers' (MMMU_preproc), and an answer that is not one
+    uppercase letter counts as A — an open question's text, and a multi-answer row such as
+    "['A', 'C']", where only A then scores."""
+    if metric != "mmmu":
+        return row["options"], row["answer"]
+    options = row["options"] or {"A": row["answer"], "B": "Other Answers"}
+    answer = row["answer"]
+    return options, answer if len(answer) == 1 and answer in string.ascii_uppercase else "A"
 
 
-def score_row(row, prediction, metric, judge=None):
-    """(extracted, hit in [0, 1]) for one question; hit is None for MM-Vet without a judge."""
-    if metric in ("accuracy", "circular", "mmmu"):
+MCQ_METRICS = ("accuracy", "circular", "mmmu")
+
+
+def score_row(row, prediction, metric, judge=None, lost=False):
+    """One question's record: extracted, hit in [0, 1] (None for MM-Vet without a judge), judged (the
+    judge was asked), error (a failed judge item: no hit, counted). MCQ answers exact matching cannot
+    read go to the judge when there is one; `lost`: a circular group already failed, so none asked.
+    VLMEvalKit with a judge tries exact matching only on answers under 10 characters and sends longer
+    ones to the judge too; here exact matching reads first at any length, so the judge sees only what
+    it cannot read (fewer calls; they differ only where the two would read a long answer differently)."""
+    rec = dict(extracted=None, hit=None, judged=False, error=None)
+    if metric in MCQ_METRICS:
         options, gt = mcq_target(row, metric)
-        letter = extract_choice(prediction, options)
-        return letter, float(letter == gt)
+        letter = infer_choice(prediction, options)
+        if letter is None and judge is not None and not lost:
+            letter, reply, error = judge_choice(judge, row["question"], options, prediction)
+            rec.update(judged=True, reply=reply, error=error)
+        letter = None if letter == "Z" else letter
+        return dict(rec, extracted=letter, hit=float(letter == gt))
     if metric == "yes_no":
         yn = extract_yes_no(prediction)
-        return yn, float(yn is not None and yn.lower() == row["answer"].lower())
+        return dict(rec, extracted=yn, hit=float(yn is not None and yn.lower() == row["answer"].lower()))
     if metric == "judge":
         if judge is None:
-            return None, None
-        score, reply = mmvet_score(judge, row["question"], row["answer"], prediction)
-        return reply, score
+            return rec
+        score, reply, error = mmvet_score(judge, row["question"], row["answer"], prediction)
+        return dict(rec, extracted=reply, hit=score, judged=True, error=error)
     answers = _as_list(row["answer"])
     if metric == "vqa_accuracy":
-        return normalize_vqa_answer(prediction), vqa_accuracy(prediction, answers)
+        return dict(rec, extracted=normalize_vqa_answer(prediction), hit=vqa_accuracy(prediction, answers))
     if metric == "anls":
-        return " ".join(str(prediction).lower().split()), anls(prediction, answers)
-    return str(prediction).strip(), float(ocrbench_hit(prediction, answers, row["category"]))
+        return dict(rec, extracted=" ".join(str(prediction).lower().split()), hit=anls(prediction, answers))
+    return dict(rec, extracted=str(prediction).strip(),
+                hit=float(ocrbench_hit(prediction, answers, row["category"])))
 
 
 def circular_hits(rows, hits):
@@ -488,7 +557,7 @@ def select_rows(rows, metric, cfg, path):
         rows = rows[:cfg.limit]
     if not rows:
         raise DataError(f"{path}: no questions to score")
-    if metric in ("accuracy", "circular", "mmmu"):
+    if metric in MCQ_METRICS:
         for r in rows:
             options, gt = mcq_target(r, metric)
             if gt not in options:
@@ -531,8 +600,9 @@ def summarize_benchmark(rows, hits, metric):
 # ----------------------------------------------------------------------------- running
 
 
-def generate_predictions(model, rows, prompts, max_new_tokens, batch_size, desc=""):
-    """Greedy answers through model.generate_answers (KV-cached), `batch_size` questions a call."""
+def generate_predictions(model, rows, prompts, max_new_tokens, batch_size, desc="", on_batch=None):
+    """Greedy answers through model.generate_answers (KV-cached), `batch_size` questions a call;
+    on_batch(rows, answers) gets each batch as it is generated (to write it)."""
     preds = []
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=None, leave=False):
         images = [row_images(r) for r in rows[i:i + batch_size]]
@@ -540,6 +610,8 @@ def generate_predictions(model, rows, prompts, max_new_tokens, batch_size, desc=
         if len(out) != len(images):
             raise RuntimeError(f"generate_answers returned {len(out)} answers for {len(images)} questions")
         preds += [str(p) for p in out]
+        if on_batch:
+            on_batch(rows[i:i + batch_size], preds[i:])
     return preds
 
 
@@ -554,19 +626,110 @@ def _pred_tsv(rows, preds):
     return buf.getvalue()
 
 
+def read_jsonl_records(path, header=None):
+    """The records of a file this module appends to (predictions or judgements), for --resume.
+    A first-line header must equal `header` (a different run's file is refused, naming the field);
+    a torn last line (a killed run) is dropped. Missing file: []."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); move it away or drop --resume") from None
+    recs = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                break
+            raise DataError(f"{path} line {n}: not JSON; move the file away or drop --resume") from None
+        if not isinstance(rec, dict) or (n > 1 or header is None) and "index" not in rec:
+            raise DataError(f"{path} line {n}: field 'index' missing; not a file evaluate.py mm wrote")
+        recs.append(rec)
+    if header is not None and recs:
+        for k, v in header.items():
+            if recs[0].get(k) != v:
+                raise UserError(f"{path}: written with {k} = {recs[0].get(k)!r}, this run has {v!r}; "
+                                "pass the same flags, or drop --resume to start the benchmark again")
+        recs = recs[1:]
+    return recs
+
+
+def _appender(path, fresh, first=None):
+    """fn(records) appending JSON lines to `path`, flushed at once (a killed run keeps them);
+    `fresh` starts the file anew (with the header line `first`)."""
+    if fresh:
+        atomic_write(path, "" if first is None else json.dumps(first) + "\n")
+
+    def append(recs):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+            f.flush()
+            os.fsync(f.fileno())
+    return append
+
+
 def run_benchmark(model, name, path, cfg, out_dir, judge=None):
-    """Read, prompt, generate, score one benchmark; writes <name>.jsonl and <name>_pred.tsv."""
+    """Read, prompt, generate, score one benchmark.
+
+    Predictions go to <name>.predictions.jsonl batch by batch as they are generated, and each judge
+    result to <name>.judgements.jsonl as it comes; with cfg.resume both are read back and only the
+    rest is generated or judged (a failed judge item is asked again). Then <name>.jsonl (one record
+    per question) and <name>_pred.tsv are written.
+    """
     kind, metric, budget = BENCHMARKS[name]
     rows = select_rows(read_tsv(path), metric, cfg, path)
     prompts = [mm_prompt(r, kind) for r in rows]
-    preds = generate_predictions(model, rows, prompts, cfg.max_new_tokens or budget, cfg.batch_size, name)
-    scored = [score_row(r, p, metric, judge) for r, p in zip(rows, preds)]
-    hits = [h for _, h in scored]
+    budget = cfg.max_new_tokens or budget
+    pred_path = os.path.join(out_dir, f"{name}.predictions.jsonl")
+    header = dict(benchmark=name, ckpt=cfg.ckpt, max_new_tokens=budget)
+    on_disk = lambda: {json.dumps(p["index"]): str(p.get("prediction", ""))
+                       for p in read_jsonl_records(pred_path, header)}
+    done = on_disk() if cfg.resume else {}
+    append = _appender(pred_path, fresh=not done, first=header)
+    todo = [k for k, r in enumerate(rows) if json.dumps(r["index"]) not in done]
+    generate_predictions(model, [rows[k] for k in todo], [prompts[k] for k in todo], budget, cfg.batch_size, name,
+                         on_batch=lambda rs, ps: append([dict(index=r["index"], prediction=p) for r, p in zip(rs, ps)]))
+    done = on_disk()
+    preds = [done[json.dumps(r["index"])] for r in rows]  # what is on disk is what is scored
+
+    # judge results are reused only for the same prediction and judge, and only when they succeeded
+    judged_path = os.path.join(out_dir, f"{name}.judgements.jsonl")
+    judge_name = getattr(judge, "name", "judge")
+    cache = {}
+    if cfg.resume and judge is not None:
+        cache = {(json.dumps(j["index"]), j.get("prediction")): j for j in read_jsonl_records(judged_path)
+                 if not j.get("error") and j.get("judge") == judge_name}
+    record_judgement = _appender(judged_path, fresh=not cfg.resume)
+    # VLMEvalKit's circular prefetch: a rotation exact matching reads wrong loses the question, and
+    # the judge is not asked about its other rotations
+    lost = {r["index"] % CIRCULAR_OFFSET for r, p in zip(rows, preds)
+            if infer_choice(p, r["options"]) not in (None, r["answer"])} if metric == "circular" else set()
+    scored = []
+    for r, p in zip(rows, preds):
+        key = (json.dumps(r["index"]), p)
+        if key in cache:
+            scored.append({k: cache[key][k] for k in ("extracted", "hit", "judged", "error", "reply") if k in cache[key]})
+            continue
+        s = score_row(r, p, metric, judge, lost=metric == "circular" and r["index"] % CIRCULAR_OFFSET in lost)
+        if s["judged"]:
+            record_judgement([dict(index=r["index"], prediction=p, judge=judge_name, **s)])
+        scored.append(s)
+    hits = [s["hit"] for s in scored]
     result = summarize_benchmark(rows, hits, metric)
+    failed = [r["index"] for r, s in zip(rows, scored) if s["error"]]
+    if metric in MCQ_METRICS:
+        result["matching"] = "exact" if judge is None else f"exact, then judge {judge_name}"
+    if metric in MCQ_METRICS or metric == "judge":
+        result.update(judged=sum(s["judged"] for s in scored), failed=len(failed), failed_items=failed)
     group = circular_hits(rows, hits) if metric == "circular" else {}
     lines = []
-    for r, p, (ex, hit) in zip(rows, preds, scored):
-        rec = dict(index=r["index"], prediction=p, extracted=ex, hit=hit, answer=r["answer"])
+    for r, p, s in zip(rows, preds, scored):
+        rec = dict(index=r["index"], prediction=p, extracted=s["extracted"], hit=s["hit"], answer=r["answer"])
+        if s["judged"]:
+            rec.update(judge_reply=s.get("reply"), error=s["error"])
         if group:
             rec["circular_hit"] = group.get(r["index"] % CIRCULAR_OFFSET)
         lines.append(json.dumps(rec, ensure_ascii=False))
@@ -591,8 +754,10 @@ def paper_average(benchmarks):
 
 
 def evaluate_mm(model, cfg, judge=None):
-    """Run every benchmark in cfg.bench; write OUT/eval/mm/summary.json (merged with one already
-    there, so benchmarks can run in separate calls) and return it."""
+    """Run every benchmark in cfg.bench; write OUT/eval/mm/summary.json after each one (merged with
+    one already there, so benchmarks can run in separate calls) and return it. A judge that stops
+    the run (JudgeAbort) leaves the finished benchmarks in summary.json and the unfinished one's
+    predictions and judgements on disk, for --resume."""
     paths = bench_paths(cfg)
     out_dir = os.path.join(cfg.out or cfg.ckpt, "eval", "mm")
     os.makedirs(out_dir, exist_ok=True)
@@ -600,23 +765,33 @@ def evaluate_mm(model, cfg, judge=None):
     benchmarks = {}
     if os.path.isfile(summary_path):
         try:
-            with open(summary_path) as f:
+            with open(summary_path, encoding="utf-8") as f:
                 benchmarks = json.load(f)["benchmarks"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(benchmarks, dict):
+                raise TypeError("'benchmarks' is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{summary_path}: not a summary this command wrote ({e}); move it away") from None
+    summary = None
     for n, path in paths.items():
-        benchmarks[n] = dict(run_benchmark(model, n, path, cfg, out_dir, judge), ckpt=cfg.ckpt)
-    summary = dict(benchmarks=benchmarks, average=paper_average(benchmarks), paper_average=PAPER_MM_AVERAGE)
-    atomic_write(summary_path, json.dumps(summary, indent=1))
+        try:
+            benchmarks[n] = dict(run_benchmark(model, n, path, cfg, out_dir, judge), ckpt=cfg.ckpt)
+        except JudgeAbort as e:
+            raise JudgeAbort(f"{e}; {n}: predictions and judgements so far kept in {out_dir}, rerun with "
+                             "--resume to continue") from None
+        summary = dict(benchmarks=benchmarks, average=paper_average(benchmarks), paper_average=PAPER_MM_AVERAGE)
+        atomic_write(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
 def mm_table(summary):
     """Per-benchmark scores and the 8-benchmark average beside the paper's (which gives only that)."""
-    lines = ["| benchmark | metric | questions | score |", "|---|---|---|---|"]
+    lines = ["| benchmark | metric | questions | score | answers read by (judged, failed judge items) |",
+             "|---|---|---|---|---|"]
     for name, b in summary["benchmarks"].items():
         score = f"{b['score']:.1f}" if b.get("score") is not None else b["status"]
-        lines.append(f"| {name} | {b['metric']} | {b['n']} | {score} |")
+        read = b.get("matching", "judge" if b["metric"] == "judge" else "exact")
+        judged = f" ({b['judged']}, {b['failed']})" if "judged" in b else ""
+        lines.append(f"| {name} | {b['metric']} | {b['n']} | {score} | {read}{judged} |")
     avg = summary["average"]
     if avg["score"] is not None:
         ours = f"{avg['score']:.1f}"
@@ -626,7 +801,7 @@ def mm_table(summary):
     else:
         ours = "n/a (none of the eight scored)"
     paper = ", ".join(f"{k} {v}" for k, v in summary["paper_average"].items())
-    lines.append(f"| **average of the paper's 8** | | | {ours} (paper: {paper}) |")
+    lines.append(f"| **average of the paper's 8** | | | {ours} (paper: {paper}) | |")
     return "\n".join(lines)
 
 
@@ -645,20 +820,29 @@ def add_mm_args(p):
     p.add_argument("--limit", type=int, default=d.limit, help="only the first N questions per benchmark (smoke runs)")
     p.add_argument("--mmmu-split", default=d.mmmu_split, help="MMMU_DEV_VAL split to score")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the predictions and judge results already in OUT/eval/mm/ and do only the rest")
     return p
 
 
 def main_mm(args, judge=None):
-    """`evaluate.py mm`: load the checkpoint, score, print the table. `judge(prompt) -> str` scores
-    MM-Vet; without one MM-Vet is reported as not scored."""
+    """`evaluate.py mm`: load the checkpoint, score, print the table. `judge(prompt) -> str` (--judge)
+    scores MM-Vet and reads the MCQ answers exact matching cannot (MMBench, MMStar, MMMU); without
+    one MM-Vet is reported as not scored and MCQ answers are read by exact matching alone."""
     cfg = MMConfig(**{f.name: getattr(args, f.name) for f in fields(MMConfig)})
     bench_paths(cfg)  # fail on a name or a file before the model loads
     if cfg.batch_size < 1 or cfg.max_new_tokens < 0 or cfg.limit < 0:
         raise UserError("--batch-size must be ≥ 1, --max-new-tokens and --limit ≥ 0")
     if not os.path.isdir(cfg.ckpt):
         raise UserError(f"checkpoint folder not found: {cfg.ckpt}")
+    if getattr(judge, "name", "").startswith("oracle:"):
+        raise UserError("--judge oracle scores tabletop rollouts only; evaluate.py mm takes --judge openai or hf")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = DualVLA.from_pretrained(cfg.ckpt).to(device).eval()
     summary = evaluate_mm(model, cfg, judge)
     print(mm_table(summary))
+    for name, b in summary["benchmarks"].items():
+        if b.get("failed"):
+            print(f"{name}: {b['failed']} failed judge item(s), scored 0 (indices {b['failed_items'][:10]}"
+                  f"{' ...' if b['failed'] > 10 else ''}); --resume asks the judge again")
     return summary

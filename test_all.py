@@ -7,6 +7,7 @@ import argparse
 import ast
 import base64
 import csv
+import dataclasses
 import io
 import functools
 import json
@@ -37,9 +38,9 @@ import prune
 import tabletop
 import train
 import vla_score as vs
-from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_choice, extract_yes_no,
+from benchmarks import (MMConfig, add_mm_args, anls, circular_hits, evaluate_mm, extract_yes_no, infer_choice,
                         main_mm, mm_prompt, mm_table, normalize_vqa_answer, ocrbench_hit, parse_bench, read_tsv,
-                        row_images, select_rows, tsv_path, vqa_accuracy)
+                        row_images, score_row, select_rows, tsv_path, vqa_accuracy)
 from data import DataError, reasoning_text
 from distill import KD_MODES, action_kd, check_teachers, dual_teacher_loss, kd_kl
 from evaluate import (PAPER_SIMPLER, SIMPLER_COLUMNS, ActionConverter, ExpertPolicy, Policy, RandomPolicy, SimConfig,
@@ -2416,7 +2417,7 @@ def test_read_tsv_bad_input_names_file_row_and_column(tmp_path):
         select_rows(read_tsv(p), "accuracy", MMConfig(), p)
 
 
-def test_extract_choice_hand_cases():
+def test_infer_choice_hand_cases():
     cases = {
         "C": "C",
         "The answer is B.": "B",
@@ -2429,15 +2430,15 @@ def test_extract_choice_hand_cases():
         "the red cube or the green sphere": None,  # two option texts
         "": None,
         "C is correct because the cone is blue and pointed": None,  # letter not among the last 4 tokens
-        "Cannot determine the answer": None,   # VLMEvalKit's refusal 'Z'
-        "Z": None,
+        "Cannot determine the answer": "Z",    # VLMEvalKit's refusal: read, no option (no judge asked)
+        "Z": "Z",
         "The answer is dog": None,       # VLMEvalKit reads D here (no word boundary); we do not
     }
     for pred, want in cases.items():
-        assert extract_choice(pred, OPTS) == want, pred
-    assert extract_choice("The answer is a cat", OPTS) == "A"  # the article: VLMEvalKit reads A too
+        assert infer_choice(pred, OPTS) == want, pred
+    assert infer_choice("The answer is a cat", OPTS) == "A"  # the article: VLMEvalKit reads A too
     long = "blue cone " * 20                                        # over twice the options' text length
-    assert extract_choice(long, OPTS) is None
+    assert infer_choice(long, OPTS) is None
 
 
 def test_vqa_accuracy_normalisation_and_leave_one_out():
@@ -2583,6 +2584,107 @@ def test_end_to_end_with_a_stand_in_answerer(tmp_path):
     assert bad["benchmarks"]["MMVet"]["score"] == 0.0
 
 
+def test_mcq_judge_fallback_prompt_and_parse():
+    opts = {"A": "cone", "B": "sphere"}
+    prompt = benchmarks.mcq_judge_prompt("Which shape is round", opts, " a ball, I think ")
+    assert prompt.endswith("Example 3: \nQuestion: Which shape is round?\nOptions: There are several options: \n"
+                           "A. cone\nB. sphere\n\nAnswer: a ball, I think\nYour output: ")
+    assert "A, B (those that are valid options), or Z" in prompt and prompt.count("Your output: ") == 3
+    asked = []
+
+    def judge(replies):
+        def call(p):
+            asked.append(p)
+            return replies.pop(0)
+        return call
+    assert benchmarks.judge_choice(judge(["B"]), "q", opts, "a ball") == ("B", "B", None)
+    assert benchmarks.judge_choice(judge(["Z"]), "q", opts, "a cat")[0] == "Z"         # read: no option
+    letter, reply, error = benchmarks.judge_choice(judge(["hmm", "well", "no idea"]), "q", opts, "x")
+    assert (letter, reply, error) == (None, "no idea", "no option letter in 3 judge replies") and len(asked) == 5
+    row = dict(question="Which shape is round", options=opts, answer="B")
+    asked.clear()
+    assert score_row(row, "Cannot determine the answer", "accuracy", judge(["B"])) == dict(
+        extracted=None, hit=0.0, judged=False, error=None)               # a refusal is read (Z): no judge
+    assert score_row(row, "B", "accuracy", judge(["A"]))["hit"] == 1.0 and not asked  # exact matching first
+    assert score_row(row, "a ball", "accuracy") == dict(extracted=None, hit=0.0, judged=False, error=None)
+    assert score_row(row, "a ball", "accuracy", judge(["B"])) == dict(
+        extracted="B", hit=1.0, judged=True, error=None, reply="B")
+    assert score_row(row, "a cube", "accuracy", judge(["Z"]))["hit"] == 0.0
+
+
+def test_mmmu_answers_that_are_not_one_letter_score_as_vlmevalkit(tmp_path):
+    img = b64_png("red")
+    path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", ["index", "image", "question", "A", "B", "C", "D", "answer",
+                                                    "split"], [
+        [0, img, "Which two are prime?", "2", "4", "3", "6", "['A', 'C']", "validation"],
+        [1, img, "Which two are prime?", "2", "4", "3", "6", "['A', 'C']", "validation"],
+        [2, img, "What is 6 times 7?", "", "", "", "", "42", "validation"],
+        [3, img, "Which is even?", "1", "4", "3", "5", "B", "validation"]])
+    rows = select_rows(read_tsv(path), "mmmu", MMConfig(), path)            # no row refused
+    assert [benchmarks.mcq_target(r, "mmmu")[1] for r in rows] == ["A", "A", "A", "B"]
+    assert benchmarks.mcq_target(rows[2], "mmmu")[0] == {"A": "42", "B": "Other Answers"}
+    # VLMEvalKit keeps only A of a multi-answer row: "A" scores, "C" (also right) does not
+    hits = [score_row(r, p, "mmmu")["hit"] for r, p in zip(rows, ["A", "C", "It is 42", "B"])]
+    assert hits == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_mm_survives_a_failing_judge_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-123")
+    img = b64_png("red")
+    write_tsv(tmp_path / "MMStar.tsv", MMB_HEADER, [
+        [0, "What colour is the cube?", "", *OPTS.values(), "A", "colour", img, "perception", ""],
+        [1, "Which is round?", "", *OPTS.values(), "B", "shape", img, "perception", ""],
+        [2, "Which is pointed?", "", *OPTS.values(), "C", "shape", img, "perception", ""]])
+    write_tsv(tmp_path / "MMVet.tsv", ["index", "image", "question", "answer", "category"], [
+        [0, img, "What colour is the sign?", "red", "rec"], [1, img, "What is x?", "-1<AND>-5", "rec,math"]])
+    answers = {"What colour is the cube?": "A", "Which is round?": "the ball-like one",
+               "Which is pointed?": "the one with a tip", "What colour is the sign?": "Red.", "What is x?": "x = -1"}
+    out = tmp_path / "run"
+    cfg = MMConfig(bench="MMStar,MMVet", data_root=str(tmp_path), out=str(out), batch_size=2)
+    mm = out / "eval" / "mm"
+
+    def crash_on_second_batch(ims, q):
+        if len(crashing.calls) > 1:
+            raise RuntimeError("killed")
+        return next(v for k, v in answers.items() if k in q)
+    crashing = Answerer(crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_mm(crashing, cfg)
+    lines = (mm / "MMStar.predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("index") for x in lines] == [None, 0, 1]  # the header, then the first batch
+
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()
+    replies = [(200, {}, chat("B"), 0),                                  # MMStar row 1: the judge reads B
+               (500, {}, b"oops", 0), (500, {}, b"oops", 0),             # row 2: a failed item
+               (400, {}, echo, 0),                                       # MMVet row 0: fails, echoing the key
+               (200, {}, b"garbage", 0), (200, {}, chat("1.0"), 60)]     # row 1: the third failure in a row
+    model = Answerer(lambda ims, q: next(v for k, v in answers.items() if k in q))
+    with chat_server(replies) as (server, url):
+        judge = vs.make_judge(cfg_for(url, api_key_env="JUDGE_KEY", retries=1, timeout=1.0, abort_after=3))
+        with pytest.raises(vs.JudgeAbort, match="failed 3 calls in a row.*MMVet: predictions and judgements so far "
+                                                "kept in .*--resume"):
+            evaluate_mm(model, dataclasses.replace(cfg, resume=True), judge)
+    assert "Question: Which is pointed?" in model.calls[0]["questions"][0] and model.calls[0]["n"] == 1
+    s = json.loads((mm / "summary.json").read_text())["benchmarks"]
+    assert list(s) == ["MMStar"]                                         # written as it finished
+    star = s["MMStar"]
+    assert star["score"] == pytest.approx(200 / 3) and star["matching"] == "exact, then judge openai:judge-x"
+    assert (star["judged"], star["failed"], star["failed_items"]) == (2, 1, [2])
+    assert len((mm / "MMVet.predictions.jsonl").read_text().splitlines()) == 3
+    assert not any("sk-secret" in p.read_text() for p in mm.iterdir())
+    assert "Bearer [redacted]" in (mm / "MMVet.judgements.jsonl").read_text()
+
+    model.calls.clear()
+    with chat_server([(200, {}, chat("C"), 0), (200, {}, chat("1.0"), 0), (200, {}, chat("0.5"), 0)]) as (server, url):
+        judge = vs.make_judge(cfg_for(url, api_key_env="JUDGE_KEY"))
+        summary = evaluate_mm(model, dataclasses.replace(cfg, resume=True), judge)
+    assert model.calls == [] and len(server.requests) == 3              # nothing generated or judged twice
+    b = summary["benchmarks"]
+    assert b["MMStar"]["score"] == 100.0 and b["MMStar"]["failed"] == 0 and b["MMStar"]["judged"] == 2
+    assert b["MMVet"]["score"] == pytest.approx(75.0) and b["MMVet"]["failed_items"] == []
+    assert "| MMStar | accuracy | 3 | 100.0 | exact, then judge openai:judge-x (2, 0) |" in mm_table(summary)
+
+
 def test_unknown_benchmark_missing_file_and_cli_errors(tmp_path):
     with pytest.raises(UserError, match="unknown benchmark 'MMBench' .*MMBench_DEV_EN_V11.*TabletopVQA"):
         parse_bench("MMStar,MMBench")
@@ -2594,6 +2696,9 @@ def test_unknown_benchmark_missing_file_and_cli_errors(tmp_path):
     _demo_root(tmp_path)
     with pytest.raises(UserError, match="checkpoint folder not found"):
         main_mm(p.parse_args(["--ckpt", str(tmp_path / "none"), "--bench", "TabletopYN", "--data-root", str(tmp_path)]))
+    with pytest.raises(UserError, match="--judge oracle scores tabletop rollouts only"):
+        main_mm(p.parse_args(["--ckpt", str(tmp_path), "--bench", "TabletopYN", "--data-root", str(tmp_path)]),
+                judge=vs.make_judge(vs.ScoreConfig(judge="oracle")))
 
 
 def test_tiny_model_over_the_tabletop_demo_tsvs(tmp_path, capsys):
@@ -2626,7 +2731,9 @@ GOOD = '```json\n{"Thought": "fine", "Result": {"Action": 8, "Intention": 9, "Re
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Speaks /v1/chat/completions from a script of (status, headers, body, delay) replies; records requests."""
+    """Speaks /v1/chat/completions from a script of (status, headers, body, delay[, drip]) replies; records
+    requests. body may be a function of the handler (a server that echoes the request); drip > 0 sends
+    the body one byte every `drip` seconds. Waits end when the server stops, so nothing outlives a test."""
 
     def log_message(self, *args):
         pass
@@ -2640,16 +2747,23 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.requests.append((self.path, dict(self.headers), json.loads(body)))
-        status, headers, payload, delay = (self.server.replies.pop(0) if self.server.replies
-                                           else (200, {}, chat(GOOD), 0))
-        time.sleep(delay)
+        status, headers, payload, delay, *drip = (self.server.replies.pop(0) if self.server.replies
+                                                  else (200, {}, chat(GOOD), 0))
+        payload = payload(self) if callable(payload) else payload
+        if self.server.stop.wait(delay):
+            return
         try:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not drip:
+                self.wfile.write(payload)
+            for k in range(len(payload) if drip else 0):
+                self.wfile.write(payload[k:k + 1])
+                if self.server.stop.wait(drip[0]):
+                    return
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
             pass
 
@@ -2658,11 +2772,13 @@ class Handler(BaseHTTPRequestHandler):
 def chat_server(replies, models_status=200):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.replies, server.requests, server.models_status = list(replies), [], models_status
+    server.stop = threading.Event()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
+        server.stop.set()
         server.shutdown()
         server.server_close()
 
@@ -2878,11 +2994,73 @@ def test_make_judge_bad_setup(monkeypatch):
     with pytest.raises(UserError, match="cannot reach the judge endpoint"):
         vs.make_judge(vs.ScoreConfig(base_url=dead))
     assert time.time() - t0 < 5
+    with pytest.raises(UserError, match="'localhost:8000/v1' is not an http"):
+        vs.make_judge(vs.ScoreConfig(base_url="localhost:8000/v1"))
     with chat_server([], models_status=401) as (_, url):
         with pytest.raises(UserError, match="rejected the API key"):
             vs.make_judge(vs.ScoreConfig(base_url=url))
     with pytest.raises(UserError, match="oracle"):
         vs.make_judge(vs.ScoreConfig(judge="oracle"))("a question", [])
+
+
+def test_judge_deadline_holds_against_a_silent_or_dripping_server():
+    silent = (200, {}, chat(GOOD), 60)                  # answers after a minute
+    dripping = (200, {}, chat(GOOD), 0, 0.5)            # one byte every 0.5 s: ~90 s for the whole reply
+    for reply in (silent, dripping):
+        with chat_server([reply]) as (server, url):
+            t0 = time.monotonic()
+            with pytest.raises(vs.JudgeError, match="TimeoutError: no complete reply within 1 s"):
+                vs.openai_chat("x", [], cfg_for(url, retries=0, timeout=1.0), "k")
+            assert time.monotonic() - t0 < 1.0 + 2.0
+    # the run's deadline bounds the call below its own --timeout, and the next call stops the run
+    with chat_server([silent]) as (server, url), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENAI_API_KEY", "k")
+        judge_fn = vs.make_judge(cfg_for(url, retries=3, timeout=30.0, run_timeout=1.0))
+        t0 = time.monotonic()
+        with pytest.raises(vs.JudgeError):
+            judge_fn("x")
+        assert time.monotonic() - t0 < 1.0 + 2.0
+        with pytest.raises(vs.JudgeAbort, match="--run-timeout 1 s spent after 1 judge calls"):
+            judge_fn("x")
+        assert judge_fn.stats["failed"] == 1 and len(server.requests) == 1
+
+
+def test_judge_aborts_after_failures_in_a_row_and_redacts_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()   # a server that echoes the request
+    with chat_server([(400, {}, echo, 0), (200, {}, chat("B"), 0), (500, {}, echo, 0), (500, {}, echo, 0),
+                      (200, {}, b"garbage", 0), (200, {}, b"garbage", 0)]) as (server, url):
+        judge_fn = vs.make_judge(cfg_for(url, retries=1, abort_after=2))
+        with pytest.raises(vs.JudgeError) as e:
+            judge_fn("x")
+        assert "HTTP 400" in str(e.value) and "Bearer [redacted]" in str(e.value) and "sk-secret" not in str(e.value)
+        assert judge_fn("x") == "B"                      # a success resets the count
+        with pytest.raises(vs.JudgeError, match="after 2 tries"):
+            judge_fn("x")
+        with pytest.raises(vs.JudgeAbort, match="failed 2 calls in a row .*malformed reply"):
+            judge_fn("x")
+    assert judge_fn.stats == dict(judge_fn.stats, calls=4, failed=3, in_a_row=2)
+    assert server.requests[0][1]["Authorization"] == "Bearer sk-secret-123"
+    with chat_server([(200, {}, lambda h: chat(f"your key is {h.headers['Authorization']}"), 0)]) as (_, url):
+        assert vs.make_judge(cfg_for(url))("x") == "your key is Bearer [redacted]"
+
+
+def test_openai_base_url_from_the_environment(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert vs.base_url(vs.ScoreConfig()) == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with chat_server([(200, {}, chat("ok"), 0)]) as (server, url):
+        monkeypatch.setenv("OPENAI_BASE_URL", url + "/")
+        assert vs.make_judge(vs.ScoreConfig(model="judge-x"))("x") == "ok"
+        assert server.requests[0][0] == "/v1/chat/completions"
+    assert vs.base_url(vs.ScoreConfig(base_url="http://other:1/v1")) == "http://other:1/v1"  # the flag wins
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    with chat_server([(200, {}, chat("via the proxy"), 0)]) as (server, url):   # stands in for an http proxy
+        monkeypatch.setenv("http_proxy", url.rsplit("/", 1)[0])
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert vs.openai_chat("x", [], cfg_for("http://judge.invalid/v1"), "k") == "via the proxy"
+        assert server.requests[0][0] == "http://judge.invalid/v1/chat/completions"
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -2987,7 +3165,7 @@ def test_oracle_ranks_expert_above_random_end_to_end(tmp_path):
     for r in recs:  # the task example is the KB trajectory with this rollout's instruction
         assert r["examples"][0] == f"pick up the {r['task']} object"
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| R | A | I | RA | Sim | VLA Score |" in md and "| expert | 2 |" in md
+    assert "| R | A | I | RA | Sim | VLA Score |" in md and "| expert | reasoning | 2 |" in md
 
 
 def test_oracle_follows_tabletop_conventions(tmp_path):
@@ -3032,11 +3210,68 @@ def test_openai_run_counts_failures_and_sends_examples(tmp_path, monkeypatch):
     assert [r for r in recs if r["failed"]][0]["error"].startswith("no ")
 
 
+def test_vla_score_run_survives_a_failing_judge_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-123")
+    for seed, task in enumerate(("pick", "place")):
+        expert_rollout(tmp_path / "ro", task, seed, (210, 40, 40))
+        random_rollout(tmp_path / "ro", task, 10 + seed, (40, 190, 60))
+    out = tmp_path / "out"
+    echo = lambda h: json.dumps({"you sent": dict(h.headers)}).encode()
+    replies = [(200, {}, chat(GOOD), 0),                           # episode 1: judged
+               (200, {}, lambda h: chat(echo(h).decode()), 0),     # 2: an answer without scores, echoing the key
+               (200, {}, chat(GOOD), 60), (400, {}, echo, 0),      # 3: never answers, then an error echoing the key
+               (500, {}, b"oops", 0), (200, {}, chat(GOOD), 0, 0.5)]  # 4: 500, then dripped: the 2nd failure in a row
+    argv = ["vla-score", "--rollouts", str(tmp_path / "ro"), "--out", str(out), "--judge", "openai", "--model",
+            "judge-x", "--api-key-env", "JUDGE_KEY", "--timeout", "1", "--retries", "1", "--backoff", "0.01",
+            "--parse-retries", "0", "--abort-after", "2", "--n-frames", "2"]
+    with chat_server(replies) as (server, url):
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--base-url", url])
+        assert time.monotonic() - t0 < 4 * 1.0 + 10  # four timed-out or failed tries at most, each cut at 1 s
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err
+    err = err.splitlines()[-1]                          # after the progress bar: one line
+    assert err.startswith("error: ")
+    assert "failed 2 calls in a row" in err and "3 judgements kept" in err and "--resume" in err
+    recs = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["failed"] for r in recs] == [False, True, True]
+    assert "Bearer [redacted]" in recs[1]["answer"] and "HTTP 400" in recs[2]["error"]
+    assert all("sk-secret" not in p.read_text() for p in out.iterdir())
+    first = recs[0]["episode"]
+    with chat_server([]) as (server, url):            # the endpoint is back: --resume judges the other three
+        evaluate.main(argv + ["--base-url", url, "--resume"])
+    assert len(server.requests) == 3
+    recs = [json.loads(l) for l in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and not any(r["failed"] for r in recs) and recs[0]["episode"] == first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 0 and summary["judge_calls"] == 3
+    assert {p: r["mode"] for p, r in summary["policies"].items()} == {"expert": "reasoning", "random": "reasoning"}
+
+
+def test_eq8_branch_once_per_policy_and_unjudged_episodes_count():
+    reasons = ["MOVE: move left"] + [None] * 3                 # a pruned policy: reasoning on keyframes only
+    rollouts = [dict(policy="dual", reasoning=reasons), dict(policy="dual", reasoning=[None] * 4),
+                dict(policy="spec", reasoning=[None] * 4)]
+    assert vs.policy_modes(rollouts, vs.ScoreConfig()) == {"dual": "reasoning", "spec": "specialist"}
+    assert vs.policy_modes(rollouts, vs.ScoreConfig(mode="specialist")) == {"dual": "specialist", "spec": "specialist"}
+    rec = lambda success, failed, score=None: dict(policy="dual", mode="reasoning", success=success, failed=failed,
+                                                   vla_score=score, R=None if failed else 8, A=None if failed else 6,
+                                                   I=None if failed else 5, RA=None if failed else 9)
+    # scores 49.5 (success), unjudged (success), 0 (failure), unjudged (failure)
+    row = vs.summarize([rec(True, False, 49.5), rec(True, True), rec(False, False, 0.0), rec(False, True)])["dual"]
+    assert row["VLA_Score"] == pytest.approx(round(49.5 / 4, 1))       # every episode, unjudged ones as 0
+    assert row["VLA_Score_judged"] == pytest.approx(24.8) and row["Sim"] == 50.0 and row["Sim_judged"] == 50.0
+    assert (row["episodes"], row["failed"], row["R"], row["A"]) == (4, 2, 80.0, 60.0)
+    assert "| dual | reasoning | 4 | 80.0 | 60.0 | 50.0 | 90.0 | 50.0 | 12.4 | 2 (24.8 over 2) |" in vs.score_table(
+        {"dual": row})
+
+
 def test_specialist_prompt_asks_action_and_intention_only():
     rollout = dict(instruction="pick up the can", actions=np.zeros((4, 7)), reasoning=[None] * 4,
                    frame_steps=[0, 3], images=[solid((1, 2, 3)), solid((4, 5, 6))])
     cfg = vs.ScoreConfig()
-    assert vs.rollout_mode(rollout, cfg) == "specialist"
+    assert vs.policy_modes([rollout], cfg) == {"policy": "specialist"}
     text, images = vs.build_prompt(rollout, [], "specialist", cfg)
     assert '"Action"' in text and '"Intention"' in text and '"Reasoning"' not in text and '"Alignment"' not in text
     assert len(images) == 2
@@ -3051,7 +3286,7 @@ def test_hf_judge_with_tiny_model(tmp_path):
     assert isinstance(answer, str)
     d = random_rollout(tmp_path / "ro", "pick", 0, (200, 0, 0))
     ro = vs.read_rollouts(d.parent)[0]
-    rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2))
+    rec = vs.score_rollout(ro, judge_fn, [], vs.ScoreConfig(judge="hf", parse_retries=1, n_frames=2), "reasoning")
     assert rec["failed"] and rec["error"]  # a random model's answer is not JSON: recorded, not raised
 
 

