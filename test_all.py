@@ -3375,8 +3375,13 @@ def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
                     "--gpu-out", str(out)])  # 1 thread: OpenMP spin-waits when the 2 cores are shared
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["params"] > res["backbone_params"] > 0
+    assert res["attention"] in ("sdpa", "flash_attention_2") and res["prefetch"] and not res["compile"]
+    assert res["fused_adamw"] == (res["device"] != "cpu")
     for step in ("finetune", "distill"):
         fig = res[step]
+        prof = fig["profile"]
+        assert prof["step_s"] > 0 and prof["top_cpu"] and all(r["calls"] >= 1 for r in prof["top_cpu"])
+        assert (prof["kernels"] > 0 and prof["top_gpu"]) == (res["device"] != "cpu")
         assert fig["micro_batch"] == 4, fig  # 3 robot frames + 1 QA sample (mm_ratio 0.25): both teachers run
         for key in ("step_s", "samples_per_s", "tokens_per_s", "tokens_per_sample", "padded_tokens_per_sample",
                     "model_tflop_per_step"):
