@@ -3,7 +3,7 @@
     python bench.py            # the table
     python bench.py --quick    # fewer repeats, < 2 min on 2 cores
     python bench.py --json     # one JSON object
-    python bench.py --gpu [--gpu-out FILE]   # absolute GPU figures of the paper preset (below), instead
+    python bench.py --gpu [--gpu-compile] [--gpu-out FILE]   # absolute GPU figures of the paper preset (below)
     python bench.py --gpu --gpu-size tiny    # the same code path on a tiny model, in seconds on a CPU
 
 Every figure is a ratio of two medians taken in this process, so
@@ -11,7 +11,9 @@ it holds across machines far better than an absolute time. Warm-up runs are excl
 
 --gpu measures the paper preset's train steps on a random model of Qwen2.5-VL-3B's size
 through train.py's own model setup and step functions: a plain fine-tune step and a `--kd dual`
-distill step (student + two teachers resident), each as samples/s, tokens/s, MFU and peak memory.
+distill step (student + two teachers resident), each as samples/s, tokens/s, MFU and peak memory, with
+the settings that ran (attention implementation, --compile, fused AdamW, batches prefetched) and a
+torch.profiler table of one more step's costliest GPU kernels and CPU ops.
 """
 import argparse
 import copy
@@ -53,6 +55,7 @@ class BenchConfig:
     gpu_size: str = "3b"      # 3b: Qwen2.5-VL-3B's size (needs CUDA) | tiny: build_tiny's, for a CPU test
     gpu_micro: int = 16       # per-GPU micro-batch: the paper preset's global 128 over 8 GPUs, no accumulation
     gpu_repeats: int = 5      # timed steps per figure (median), after 2 warm-up steps
+    gpu_compile: bool = False  # train.py's --compile for the GPU figures (compiles in the warm-up steps)
     gpu_out: str = ""         # also write the GPU figures to this JSON file
 
 
@@ -357,7 +360,8 @@ def paper_student(cfg, ctx, size, robot):
 
 def paper_teacher(student, cfg, ctx):
     """A frozen teacher as train.build_models makes one (train.as_teacher: bf16 on GPU). Its weights are a
-    copy of the student's: only its cost counts here."""
+    copy of the student's: only its cost counts here. With --gpu-compile, as_teacher compiles the copy's
+    layers anew (a deep copy of a compiled layer would still call the student's)."""
     backbone = merge_adapters(copy.deepcopy(student.backbone))  # checkpoints hold merged weights
     backbone.gradient_checkpointing_disable()  # train.py's teachers come from checkpoints, without it
     vision = None
@@ -456,11 +460,35 @@ def step_figures(run, model, records, teachers, cfg, ctx):
                 peak_reserved_gib=torch.cuda.max_memory_reserved(ctx["device"]) / 2**30 if cuda else None)
 
 
+def profile_step(run, device, n=8):
+    """One more step under torch.profiler: its time, the GPU kernels' total time and count (a step with far
+    less kernel time than wall time is bound by launches or the host), and the n costliest GPU kernels and
+    CPU ops by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+    seconds = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    averages = prof.key_averages()
+
+    def top(kind, key):
+        rows = sorted((r for r in averages if r.device_type == kind), key=lambda r: -getattr(r, key))[:n]
+        return [dict(name=r.key[:90], calls=r.count, self_ms=getattr(r, key) / 1e3) for r in rows]
+    return dict(step_s=seconds, kernel_s=sum(e.time_range.elapsed_us() for e in kernels) / 1e6, kernels=len(kernels),
+                top_gpu=top(DeviceType.CUDA, "self_device_time_total"), top_cpu=top(DeviceType.CPU, "self_cpu_time_total"))
+
+
 def fitting_figures(name, make_run, model, batches, teachers, cfg, ctx, say):
-    """step_figures at the first micro-batch of `batches` (largest first) that fits in device memory."""
+    """step_figures at the first micro-batch of `batches` (largest first) that fits in device memory, and
+    profile_step of that step."""
     for records in batches:
         try:
-            result = step_figures(make_run(records), model, records, teachers, cfg, ctx)
+            run = make_run(records)
+            result = step_figures(run, model, records, teachers, cfg, ctx)
+            result["profile"] = profile_step(run, ctx["device"])
             say(f"{name}: micro-batch {len(records)}, {result['step_s']:.3f} s/step")
             return result
         except torch.cuda.OutOfMemoryError:
@@ -475,15 +503,19 @@ def fitting_figures(name, make_run, model, batches, teachers, cfg, ctx, say):
 
 def train_step(student, teachers, opt, cfg, ctx):
     """records -> one train.py step on them: distill_losses with teachers, vla_losses without (as train.train
-    picks), then optimizer_step; waits for the GPU so that a timer sees the whole step."""
+    picks), then optimizer_step; its inputs built as train.train builds them (train.prefetched: with
+    --prefetch the next step's during this one). Waits for the GPU so that a timer sees the whole step."""
     sync = torch.cuda.synchronize if ctx["device"].type == "cuda" else lambda: None
 
     def make_run(records):
+        steps = train.prefetched(lambda: train.step_inputs(student, [records], True, ctx), cfg.prefetch)
+
         def run():
+            batches = next(steps)
             if teachers:
-                train.distill_losses(student, teachers, [records], 0, cfg, ctx)
+                train.distill_losses(student, teachers, [records], 0, cfg, ctx, batches)
             else:
-                train.vla_losses(student, [records], 0, cfg, ctx, reasoning=True)
+                train.vla_losses(student, [records], 0, cfg, ctx, True, batches)
             train.optimizer_step(student, opt, cfg)
             sync()
         return run
@@ -494,7 +526,8 @@ def gpu_figures(cfg):
     """The paper preset's fine-tune step and `--kd dual` distill step on one device, through
     train.py's model setup (new_model, as_student, as_teacher, make_optimizer) and step functions
     (vla_losses, distill_losses, optimizer_step): fp32 master weights under bf16 autocast on CUDA, bf16
-    teachers, gradient checkpointing, AdamW, 224 px images, 64 queries, a flow head with chunk 16.
+    teachers, gradient checkpointing, AdamW (fused on CUDA), inputs prefetched, 224 px images, 64 queries,
+    a flow head with chunk 16; --gpu-compile adds train.py's --compile.
     Both steps see the same batches, reasoning on every robot frame (pruned data would be shorter)."""
     t0, device = time.perf_counter(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say = lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -504,7 +537,8 @@ def gpu_figures(cfg):
                              "(--gpu-size tiny runs the same code path on the CPU)")
         torch.set_num_threads(cfg.threads)
     ctx = dict(rank=0, world=1, device=device)
-    finetune, distill_cfg = (expert_config(train.stage_config(stage, dict(preset="paper")), cfg.gpu_size)
+    finetune, distill_cfg = (expert_config(train.stage_config(stage, dict(preset="paper", compile=cfg.gpu_compile)),
+                                           cfg.gpu_size)
                              for stage in ("generalist", "distill"))
     robot, mm = paper_records()
     # train.py's mixture (mm_ratio of each micro-batch multimodal), at the micro-batch and its halvings
@@ -517,7 +551,8 @@ def gpu_figures(cfg):
     res = dict(device=name, torch=torch.__version__, transformers=transformers.__version__, size=cfg.gpu_size,
                params=sum(p.numel() for p in student.parameters()),
                backbone_params=sum(p.numel() for p in student.backbone.parameters()),
-               attention=student.backbone.config._attn_implementation,
+               attention=student.backbone.config._attn_implementation, compile=finetune.compile,
+               fused_adamw=bool(opt.defaults["fused"]), prefetch=finetune.prefetch,
                bf16_autocast=device.type == "cuda" and finetune.bf16, grad_checkpointing=finetune.grad_checkpointing,
                peak_bf16_tflops=peak / 1e12 if peak else None, repeats=cfg.gpu_repeats,
                image_size=finetune.image_size, n_queries=finetune.n_queries, mm_ratio=finetune.mm_ratio,
@@ -526,7 +561,8 @@ def gpu_figures(cfg):
                expert_params=sum(p.numel() for p in student.head.parameters()),
                expert_gflop_per_sample=expert_forward_flops(student, robot) / 1e9)
     say(f"student: {res['params'] / 1e9:.3f} B parameters ({res['trainable_params'] / 1e6:.1f} M trained: LoRA r "
-        f"{res['lora_rank']}, the {res['action_expert']} expert frozen), {res['attention']} attention")
+        f"{res['lora_rank']}, the {res['action_expert']} expert frozen), {res['attention']} attention, "
+        f"compile {'on' if res['compile'] else 'off'}")
     res["finetune"] = fitting_figures("finetune", train_step(student, (), opt, finetune, ctx), student, batches, (),
                                       cfg, ctx, say)
     try:
@@ -553,7 +589,9 @@ def gpu_table(res):
             f"params ({res['trainable_params'] / 1e6:.1f} M trained, LoRA r {res['lora_rank']}), "
             f"{res['action_expert']} expert {res['expert_params'] / 1e6:.1f} M params, "
             f"{res['expert_gflop_per_sample']:.1f} GFLOP forward a sample, image {res['image_size']} px, "
-            f"{res['n_queries']} queries, median of {res['repeats']} steps",
+            f"{res['n_queries']} queries, median of {res['repeats']} steps; "
+            f"{res['attention']} attention, compile {'on' if res['compile'] else 'off'}, fused AdamW "
+            f"{'on' if res['fused_adamw'] else 'off'}, prefetch {'on' if res['prefetch'] else 'off'}",
             "| step | micro-batch | s/step | samples/s | tokens/s | tokens/sample | TFLOP/step | MFU | peak GiB |",
             "|---|---|---|---|---|---|---|---|---|"]
     for step in ("finetune", "distill"):
@@ -565,6 +603,17 @@ def gpu_table(res):
                     f"{fig['tokens_per_s']:,.0f} | {fig['tokens_per_sample']:.0f} | "
                     f"{fig['model_tflop_per_step']:.1f} | {cell(fig, 'mfu', '.1%')} | "
                     f"{cell(fig, 'peak_memory_gib', '.1f')} |")
+    for step in ("finetune", "distill"):
+        prof = res[step].get("profile")
+        if prof is None:
+            continue
+        rows += ["", f"{step}, one profiled step: {prof['step_s']:.3f} s, {prof['kernel_s']:.3f} s of GPU kernels "
+                     f"in {prof['kernels']:,} launches", "| self time: GPU kernel | calls | ms | CPU op | calls | ms |",
+                 "|---|---|---|---|---|---|"]
+        for k in range(max(len(prof["top_gpu"]), len(prof["top_cpu"]))):
+            cols = [(r["name"][:60], r["calls"], f"{r['self_ms']:.1f}") if r else ("", "", "")
+                    for r in (prof[t][k] if k < len(prof[t]) else None for t in ("top_gpu", "top_cpu"))]
+            rows.append("| " + " | ".join(str(c) for col in cols for c in col) + " |")
     return "\n".join(rows)
 
 
@@ -596,11 +645,12 @@ def main(argv=None):
     p.add_argument("--gpu-micro", type=int, default=d.gpu_micro,
                    help="per-GPU micro-batch, halved until it fits (default %(default)s)")
     p.add_argument("--gpu-repeats", type=int, default=d.gpu_repeats, help="timed steps (default %(default)s)")
+    p.add_argument("--gpu-compile", action="store_true", help="train.py's --compile for the GPU figures")
     p.add_argument("--gpu-out", default=d.gpu_out, help="write the GPU figures to this JSON file too")
     a = p.parse_args(argv)
     cfg = BenchConfig(quick=a.quick, json=a.json, threads=a.threads, demo=a.demo, repeats=5 if a.quick else d.repeats,
                       gpu=a.gpu, gpu_size=a.gpu_size, gpu_micro=a.gpu_micro, gpu_repeats=a.gpu_repeats,
-                      gpu_out=a.gpu_out)
+                      gpu_compile=a.gpu_compile, gpu_out=a.gpu_out)
     result = gpu_figures(cfg) if cfg.gpu else run(cfg)
     if cfg.gpu and cfg.gpu_out:
         data.atomic_write(cfg.gpu_out, json.dumps(result, indent=1))

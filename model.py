@@ -18,6 +18,7 @@ conditioned on the reasoning, π_θ(a | o, i, r).
 The flow head is InstructVLA's action expert in miniature: it has its own image path (FACTS.md,
 "Learning on CPU": without it a small VLM barely learns to act).
 """
+import importlib.util
 import itertools
 import json
 import math
@@ -304,6 +305,12 @@ class DiTExpert(nn.Module):
 
 # ----------------------------------------------------------------------------- the VLA
 
+def attention_implementation():
+    """flash_attention_2 where the flash_attn package and CUDA are present, else sdpa. Qwen2.5-VL's windowed
+    vision attention is one varlen call per layer under flash_attention_2, where sdpa makes one per window."""
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_backbone(name_or_path, dtype=torch.float32):
     """(model, tokenizer, image_processor) through transformers' Auto classes; one-line errors.
 
@@ -316,7 +323,8 @@ def load_backbone(name_or_path, dtype=torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype,
+                                                            attn_implementation=attention_implementation())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load backbone {name_or_path!r}: {str(e).splitlines()[0]}") from None
     return model, tokenizer, image_processor

@@ -3506,6 +3506,42 @@ def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
     assert same(weights(ref), weights(cut))
 
 
+def test_speed_paths_keep_the_numerics(base_run, tmp_path):
+    """--compile and --prefetch change the speed of a step, not its result."""
+    import copy
+    # compiled decoder layers and action expert against eager ones: the same loss terms and gradients.
+    # backend aot_eager: the graphs dynamo captures, run by autograd's own kernels (inductor's C++ build
+    # would take minutes on a 2-core CPU); inductor's fused kernels may round differently on a GPU
+    cfg, ctx = train.stage_config("generalist", {}), dict(rank=0, world=1, device=torch.device("cpu"))
+    robot = data.add_action_chunks(data.episode_records([expert_episode(t, 0, 64) for t in TASKS]), 16)
+    micro = [robot[::7][:3] + qa_samples(0, 1)]
+    torch.manual_seed(0)
+    eager = DualVLA(VLAConfig(backbone=str(base_run / "tiny"), image_size=56))
+    compiled = train.compile_blocks(copy.deepcopy(eager), backend="aot_eager")
+    logs = [train.vla_losses(m, micro, 0, cfg, ctx, reasoning=True) for m in (eager, compiled)]
+    assert logs[0].keys() == logs[1].keys() and all(logs[0][k] == pytest.approx(logs[1][k], rel=1e-5) for k in logs[0])
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # batches built ahead in a thread: the same batches in the same order, and the same run bit for bit
+    make = lambda stream: lambda: train.step_inputs(eager, [next(stream)], True, ctx)
+    mm = qa_samples(1, 8)
+    runs = [list(islice(train.prefetched(make(data.mixed_batches(robot, mm, 4, 0.25)), ahead), 3))
+            for ahead in (False, True)]
+    for a, b in zip(*runs, strict=True):
+        assert a[0].keys() == b[0].keys() and a[0]["records"] == b[0]["records"]
+        assert all(torch.equal(a[0][k], b[0][k]) for k in a[0] if torch.is_tensor(a[0][k]))
+    outs = [fresh_run(base_run, tmp_path, name) for name in ("ahead", "inline")]
+    for out, flag in zip(outs, ("--prefetch", "--no-prefetch")):
+        train.main(["--stage", "specialist", "--out", out, flag] + flags(steps=4, freeze_vlm_steps=2))
+    weights = [load_file(os.path.join(out, "specialist", "model", "model.safetensors")) for out in outs]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert metrics(outs[0], "specialist") != [] and \
+        [m["loss"] for m in metrics(outs[0], "specialist")] == [m["loss"] for m in metrics(outs[1], "specialist")]
+
+
 def error_line(capsys, main, argv):
     """A CLI's bad-input path: exit 2 and one line 'error: ...' on stderr."""
     capsys.readouterr()
@@ -3793,8 +3829,13 @@ def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
     assert res["params"] > res["backbone_params"] > 0
     assert (res["action_expert"], res["lora_rank"]) == ("dit", 128) and res["expert_gflop_per_sample"] > 0
     assert 0 < res["trainable_params"] < res["params"] - res["expert_params"]  # the expert and the base frozen
+    assert res["attention"] in ("sdpa", "flash_attention_2") and res["prefetch"] and not res["compile"]
+    assert res["fused_adamw"] == (res["device"] != "cpu")
     for step in ("finetune", "distill"):
         fig = res[step]
+        prof = fig["profile"]
+        assert prof["step_s"] > 0 and prof["top_cpu"] and all(r["calls"] >= 1 for r in prof["top_cpu"])
+        assert (prof["kernels"] > 0 and prof["top_gpu"]) == (res["device"] != "cpu")
         assert fig["micro_batch"] == 4, fig  # 3 robot frames + 1 QA sample (mm_ratio 0.25): both teachers run
         for key in ("step_s", "samples_per_s", "tokens_per_s", "tokens_per_sample", "padded_tokens_per_sample",
                     "model_tflop_per_step"):

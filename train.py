@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -51,8 +52,8 @@ import prune
 import tabletop
 from data import DataError
 from distill import KD_MODES, check_teachers, dual_teacher_loss
-from model import (ACT, QUERY, DualVLA, UserError, VLAConfig, build_tiny, build_tiny_vision, sample_flow_time,
-                   text_target_mask)
+from model import (ACT, QUERY, DualVLA, UserError, VLAConfig, attention_implementation, build_tiny, build_tiny_vision,
+                   sample_flow_time, text_target_mask)
 
 STAGES = ("specialist", "generalist", "prune", "distill", "all")
 PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -119,6 +120,8 @@ class TrainConfig:
     # engine
     seed: int = 0                   # model init, data order, flow noise; rank r also seeds seed + r
     bf16: bool = True               # bf16 autocast on GPU (CPU runs stay fp32)
+    compile: bool = False           # torch.compile each LLM decoder layer and the action expert (fewer GPU launches)
+    prefetch: bool = True           # build the next step's batches in a background thread while this one runs
     fsdp: bool = False              # FSDP2 fully_shard under torchrun, for models that do not fit per GPU
     threads: int = 0                # torch CPU threads per process; 0 = torch's default (1 is best on a busy CPU)
     log_every: int = 10             # steps between metrics.jsonl lines
@@ -337,6 +340,35 @@ def open_images(records):
     return [dict(r, image=load(r["image"])) for r in records]
 
 
+def step_inputs(model, micro, reasoning, ctx):
+    """make_batch of each micro-batch (images opened and processed, text tokenised), pinned on CUDA so that
+    to_device's copies do not wait for the host."""
+    inner, batches = unwrap(model), []
+    for recs in micro:
+        batch = inner.make_batch(open_images(recs), reasoning=reasoning)
+        if ctx["device"].type == "cuda":
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        batches.append(batch)
+    return batches
+
+
+def to_device(batch, ctx):
+    return {k: v.to(ctx["device"], non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def prefetched(make, ahead):
+    """Endless results of make(), in order. With `ahead`, the next one is made in a background thread while
+    the caller works on this one: one worker, so calls run one after another, as without it."""
+    if not ahead:
+        while True:
+            yield make()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(make)
+        while True:
+            done, pending = pending, pool.submit(make)
+            yield done.result()
+
+
 def flow_noise(records, model_cfg, seed, step):
     """Flow-matching noise and time per robot record, drawn from (seed, step, episode, frame).
 
@@ -424,7 +456,23 @@ def load_model(path, cfg):
 
 
 def on_device(model, ctx):
-    return model.to(ctx["device"])  # DualVLA.forward moves each batch (distill.py builds teachers' on the CPU)
+    model = model.to(ctx["device"])  # DualVLA.forward moves each batch (distill.py builds teachers' on the CPU)
+    model.backbone.set_attn_implementation(attention_implementation())  # checkpoints do not store it
+    return model
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile, in place, each LLM decoder layer and the action expert's modules (--compile).
+
+    Module by module (Module.compile), not the whole model: parameter names and state dicts stay as they
+    were, and DDP or FSDP2 (one shard group per decoder layer) wrap the model as without it. The vision
+    tower stays eager: under sdpa its attention loops over the windows of each image."""
+    for block in model.backbone.model.language_model.layers:
+        block.compile(backend=backend)
+    if model.head is not None:
+        for module in (model.head, *model.head.images):
+            module.compile(backend=backend)
+    return model
 
 
 def as_student(model, cfg, ctx):
@@ -434,14 +482,16 @@ def as_student(model, cfg, ctx):
     model.ground_weight = cfg.ground_weight  # in its loss even at 0: DDP needs every parameter in the graph
     if cfg.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable()
-    return model
+    return compile_blocks(model) if cfg.compile else model
 
 
 def as_teacher(model, cfg, ctx):
     """A frozen teacher on the device: eval mode, no gradients, and bf16 on GPU (it only runs forwards, so
     it needs no fp32 master copy: half the memory of a third fp32 model)."""
     model = on_device(model, ctx).eval().requires_grad_(False)
-    return model.to(torch.bfloat16) if ctx["device"].type == "cuda" and cfg.bf16 else model
+    if ctx["device"].type == "cuda" and cfg.bf16:
+        model = model.to(torch.bfloat16)
+    return compile_blocks(model) if cfg.compile else model
 
 
 # InstructVLA's LoRA targets: the LLM's attention and MLP projections (not gate_proj, not the vision tower)
@@ -637,12 +687,14 @@ def save_final(model, stage_dir, cfg, ctx, rebuild):
 
 def make_optimizer(model, cfg):
     """AdamW, weight decay on matrices only (not on biases and norms, nor with --lora-rank on the embedding
-    matrices: decay would move the rows add_lora keeps fixed)."""
+    matrices: decay would move the rows add_lora keeps fixed); on CUDA the fused kernel (one launch for all
+    parameters instead of a few per tensor)."""
     fixed = {id(w) for w in embedding_matrices(model)} if cfg.lora_rank else set()
     decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in fixed]
     other = [p for p in model.parameters() if p.ndim < 2 or id(p) in fixed]
+    cuda = all(p.device.type == "cuda" for p in model.parameters())
     return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=other, weight_decay=0.0)],
-                             lr=cfg.lr, betas=(0.9, 0.95))
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=True if cuda else None)
 
 
 def optimizer_step(model, opt, cfg):
@@ -663,15 +715,16 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def vla_losses(model, micro, step, cfg, ctx, reasoning):
+def vla_losses(model, micro, step, cfg, ctx, reasoning, batches=None):
     """Eq. 2/3 over the micro-batches of one step, backward included; returns the summed terms.
 
     Each term is summed over its tokens and divided by the GLOBAL count of those tokens (all ranks,
     all micro-batches), times the world size because DDP/FSDP average gradients: a torchrun run
     then takes the very step a single process takes on the same global batch.
+    `batches`: step_inputs(micro), when already built (the train loop's prefetch).
     """
     inner = unwrap(model)
-    batches = [inner.make_batch(open_images(recs), reasoning=reasoning) for recs in micro]
+    batches = batches or step_inputs(model, micro, reasoning, ctx)
     counts = torch.tensor([[int(text_target_mask(b).sum()), int(b["action_mask"].sum()) * inner.config.action_dim
                             if "action_mask" in b else 0, 2 * int(b["ground_mask"].sum()) if "ground_mask" in b else 0]
                            for b in batches], dtype=torch.float64).sum(0)
@@ -681,7 +734,7 @@ def vla_losses(model, micro, step, cfg, ctx, reasoning):
     for k, (recs, batch) in enumerate(zip(micro, batches)):
         noise = flow_noise(recs, inner.config, cfg.seed, step) if inner.config.action_head == "flow" else {}
         with sync_context(model, cfg, ctx, last=k == len(batches) - 1), autocast(cfg, ctx):
-            out = model(batch, **{name: x.to(ctx["device"]) for name, x in noise.items()})
+            out = model(to_device(batch, ctx), **{name: x.to(ctx["device"]) for name, x in noise.items()})
             loss = out["lm_sum"] / n_lm + out["action_sum"] / n_act
             if "ground_sum" in out:  # also at weight 0, as in DualVLA.forward's loss
                 loss = loss + inner.ground_weight * out["ground_sum"] / n_ground
@@ -710,15 +763,17 @@ def domain_sums(out, batch):
                              out["action_count"]], dtype=torch.float64)
 
 
-def distill_losses(model, teachers, micro, step, cfg, ctx):
+def distill_losses(model, teachers, micro, step, cfg, ctx, batches=None):
     """Eq. 7 (distill.py) over the micro-batches of one step, backward included.
 
     dual_teacher_loss returns per-rank means, so under torchrun the step is the mean over ranks of
     their losses (equal to the single-process step up to the token counts differing between ranks).
+    `batches`: step_inputs(micro), when already built (the train loop's prefetch).
     """
     inner, terms = unwrap(model), {}
-    for k, recs in enumerate(micro):
-        batch = inner.make_batch(open_images(recs))
+    batches = batches or step_inputs(model, micro, True, ctx)
+    for k, (recs, batch) in enumerate(zip(micro, batches)):
+        batch = to_device(batch, ctx)
         noise = flow_noise(recs, inner.config, cfg.seed, step) if inner.config.action_head == "flow" else {}
         with sync_context(model, cfg, ctx, last=k == len(micro) - 1), autocast(cfg, ctx):
             out = dual_teacher_loss(model, *teachers, batch, lam=cfg.lambda_kd, T=cfg.kd_temperature, kd=cfg.kd,
@@ -853,6 +908,12 @@ def train(cfg, ctx, inputs):
     torch.manual_seed(cfg.seed + ctx["rank"])  # per-rank randomness (distill.py's flow noise, dropout)
     if rng is not None:
         set_rng_states(rng)  # last, so nothing above consumes the restored streams
+
+    def next_step():  # with --prefetch only the worker reads the stream: the data order stays the same
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        return micro, step_inputs(model, micro, reasoning, ctx)
+
+    steps = prefetched(next_step, cfg.prefetch)
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=not rank0, mininterval=2, file=sys.stdout)
     log, first, t_log, logged = None, None, time.time(), start
     for step in range(start, cfg.steps):
@@ -861,11 +922,11 @@ def train(cfg, ctx, inputs):
             set_vlm_trainable(model, True, cfg)
             if not cfg.fsdp:  # DDP hooks only the parameters trainable when it is built; FSDP2 checks each step
                 wrapped = wrap(model, cfg, ctx)
-        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        micro, batches = next(steps)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        log = distill_losses(wrapped, teachers, micro, step, cfg, ctx) if teachers else \
-            vla_losses(wrapped, micro, step, cfg, ctx, reasoning)
+        log = distill_losses(wrapped, teachers, micro, step, cfg, ctx, batches) if teachers else \
+            vla_losses(wrapped, micro, step, cfg, ctx, reasoning, batches)
         if not math.isfinite(log["loss"]):
             domains = [r["domain"] for recs in micro for r in recs]
             kept = checkpoints(stage_dir)
@@ -884,6 +945,7 @@ def train(cfg, ctx, inputs):
         bar.update(1)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(wrapped, opt, done, stage_dir, cfg, ctx)
+    steps.close()  # waits for the batch built ahead, so nothing else tokenises beside it
     bar.close()
     summary = dict(stage=cfg.stage, model=save_final(wrapped, stage_dir, cfg, ctx, rebuild), steps=cfg.steps,
                    resumed_at=start, wall_s=round(time.time() - t_start, 1),
@@ -909,7 +971,7 @@ def run_prune(cfg, ctx):
 
 
 # Flags that change no stage's result: a finished run with other values of these still counts as done.
-RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every")
+RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every", "prefetch")
 
 
 def finished(cfg):
