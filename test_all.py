@@ -2845,6 +2845,41 @@ def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
     assert same(weights(ref), weights(cut))
 
 
+def test_resume_at_every_step_and_inside_every_write_is_bit_identical(base_run, tmp_path):
+    """A kill after any checkpoint (the freeze boundary at step 4 included) or inside the write of the next
+    one (a step_N.tmp folder at each stage of filling) resumes to the uninterrupted run's weights, bit for bit,
+    and to its logged losses."""
+    args = ["--stage", "specialist"] + flags(steps=7, batch_size=2, ckpt_every=1, keep_ckpts=7, freeze_vlm_steps=4)
+    ref = fresh_run(base_run, tmp_path, "ref")
+    train.main(args + ["--out", ref])
+    weights = lambda out: load_file(os.path.join(out, "specialist", "model", "model.safetensors"))
+    ckpt = lambda out, k: os.path.join(out, "specialist", "checkpoints", f"step_{k:07d}")
+    want, want_log = weights(ref), metrics(ref, "specialist")
+    # inside a write: the .tmp folder empty, with a state.pt cut short, with state.pt and progress.json, complete
+    partial = {"empty": [], "cut": ["state.pt"], "state": ["state.pt", "progress.json"],
+               "full": ["state.pt", "progress.json", "rng_rank0.pt"]}
+    moments = [(k, None) for k in range(1, 7)] + [(k, p) for k in (0, 3, 4, 5) for p in partial]
+    for k, part in moments:
+        cut = fresh_run(base_run, tmp_path, f"cut{k}{part}")
+        os.makedirs(os.path.join(cut, "specialist", "checkpoints"))
+        shutil.copy(os.path.join(ref, "specialist", "metrics.jsonl"), os.path.join(cut, "specialist"))  # logged on
+        if k:
+            shutil.copytree(ckpt(ref, k), ckpt(cut, k))
+        if part:
+            os.makedirs(ckpt(cut, k + 1) + ".tmp")
+            for name in partial[part]:
+                shutil.copy(os.path.join(ckpt(ref, k + 1), name), ckpt(cut, k + 1) + ".tmp")
+            if part == "cut":
+                state = Path(ckpt(cut, k + 1) + ".tmp", "state.pt")
+                state.write_bytes(state.read_bytes()[:1000])
+        train.main(args + ["--out", cut, "--resume"])
+        got = weights(cut)
+        assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), (k, part)
+        assert summary(cut, "specialist")["resumed_at"] == k, (k, part)
+        assert [(m["step"], m["loss"]) for m in metrics(cut, "specialist")] == \
+            [(m["step"], m["loss"]) for m in want_log], (k, part)
+
+
 def error_line(capsys, main, argv):
     """A CLI's bad-input path: exit 2 and one line 'error: ...' on stderr."""
     capsys.readouterr()

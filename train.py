@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -461,7 +462,11 @@ def checkpoints(stage_dir):
 
 
 def rng_states():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+    """Tensors and plain values only, so a checkpoint loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
+                           cached_gaussian=cached),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
@@ -494,20 +499,69 @@ def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
     return path
 
 
-def restore_checkpoint(path, model, opt, cfg, ctx):
-    """Load a checkpoint's model and optimizer; returns (step, RNG states to restore last)."""
-    done = progress(path)
+def read_checkpoint(path, cfg, ctx):
+    """A checkpoint's progress, model and optimizer state and this rank's RNG states, each file loaded with
+    torch.load(weights_only=True) or as JSON: a crafted pickle is refused, never run. UserError naming the
+    broken file and the newest intact checkpoint before it."""
+    bcast = cfg.fsdp and ctx["world"] > 1  # FSDP: rank 0 reads the state, the others receive their shards
+    try:
+        return load_checkpoint(path, ctx["rank"], state=ctx["rank"] == 0 or not bcast)
+    except UserError as e:
+        older = [p for p in checkpoints(os.path.dirname(os.path.dirname(path))) if p < path]
+        intact = next((p for p in reversed(older) if checkpoint_loads(p, ctx["rank"])), None)
+        raise UserError(f"{e}; newest intact checkpoint: " + (f"{intact} (delete {path} to resume from it)" if intact
+                        else "none (start again with --overwrite)")) from None
+
+
+def load_checkpoint(path, rank, state=True):
+    """progress.json, state.pt (model and optimizer; empty when not `state`) and rng_rank<rank>.pt."""
+    loaded = {}
+    for key, name in (("progress", "progress.json"), ("state", "state.pt"), ("rng", f"rng_rank{rank}.pt")):
+        file = os.path.join(path, name)
+        if key == "state" and not state:
+            loaded[key] = dict(model={}, optimizer={})
+            continue
+        try:
+            loaded[key] = load_json(file) if name.endswith(".json") else \
+                torch.load(file, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise UserError(f"{file}: unreadable checkpoint file ({first_line(e)})") from None
+    return loaded
+
+
+def checkpoint_loads(path, rank):
+    try:
+        load_checkpoint(path, rank)
+        return True
+    except UserError:
+        return False
+
+
+def first_line(e):
+    """An exception's first line (torch's unpickling errors run to a dozen)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def restore_checkpoint(ckpt, model, opt, cfg, ctx):
+    """Load a read_checkpoint's model and optimizer state into the run; returns its step."""
+    done = ckpt["progress"]
     if done["world"] != ctx["world"]:
-        raise UserError(f"{path} was written by {done['world']} processes, this run has {ctx['world']}; "
+        raise UserError(f"the checkpoint was written by {done['world']} processes, this run has {ctx['world']}; "
                         f"resume with the same number (the data order depends on it)")
-    # FSDP: rank 0 reads, the others receive their shards (one set_state_dict for both deadlocks, FACTS.md)
-    bcast = cfg.fsdp and ctx["world"] > 1
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False) if ctx["rank"] == 0 or not bcast \
-        else dict(model={}, optimizer={})
-    inner, opts = unwrap(model), StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast)
-    set_model_state_dict(inner, state["model"], options=opts)
-    set_optimizer_state_dict(inner, opt, state["optimizer"], options=opts)
-    return done["step"], torch.load(os.path.join(path, f"rng_rank{ctx['rank']}.pt"), weights_only=False)
+    # one set_state_dict for model and optimizer under FSDP deadlocks (FACTS.md)
+    inner = unwrap(model)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=cfg.fsdp and ctx["world"] > 1)
+    set_model_state_dict(inner, ckpt["state"]["model"], options=opts)
+    set_optimizer_state_dict(inner, opt, ckpt["state"]["optimizer"], options=opts)
+    return done["step"]
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line a kill cut short counts as logged after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def load_json(path):
@@ -515,13 +569,10 @@ def load_json(path):
         return json.load(f)
 
 
-def progress(path):
-    return load_json(os.path.join(path, "progress.json"))
-
-
 def set_rng_states(s):
+    n = s["numpy"]
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(s["python"])
     if s["cuda"] is not None:
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -731,32 +782,35 @@ def train(cfg, ctx, inputs):
     latest = start_stage_dir(stage_dir, cfg, ctx, dict(inputs=inputs, world_size=ctx["world"],
                                                           model=asdict(model.config)))
 
-    # frozen or not as at the checkpoint: the optimizer state loads only into trainable parameters
-    frozen = cfg.freeze_vlm_steps > (progress(latest)["step"] if latest else 0)
+    ckpt = read_checkpoint(latest, cfg, ctx) if latest else None
+    # frozen while loading a checkpoint written by a frozen step (the last frozen step is step freeze_vlm_steps
+    # itself): its optimizer holds no state for the VLM, and state loads only into trainable parameters; the
+    # loop unfreezes at its first step past the freeze
+    frozen = cfg.freeze_vlm_steps > 0 and cfg.freeze_vlm_steps >= (ckpt["progress"]["step"] if ckpt else 0)
     set_vlm_trainable(model, not frozen)
     wrapped = wrap(model, cfg, ctx)  # before the optimizer: fully_shard replaces the parameters
     opt = make_optimizer(model, cfg)
-    start, rng = restore_checkpoint(latest, wrapped, opt, cfg, ctx) if latest else (0, None)
+    start = restore_checkpoint(ckpt, wrapped, opt, cfg, ctx) if ckpt else 0
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
     if rank0:
         if start:
             print(f"{cfg.stage}: resuming from {latest}")
         if start and os.path.isfile(metrics_path):  # drop what a killed run logged after its last checkpoint
             with open(metrics_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= start]
+                lines = [line for line in f if logged_step(line) <= start]
             data.atomic_write(metrics_path, "".join(lines))
         print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path} ({', '.join(model.config.cameras)}; "
               f"{model.config.action_dim}-D actions), {len(mm)} multimodal samples; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {cfg.steps} steps of "
               f"{cfg.batch_size} on {ctx['world']} process(es)"
-              + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen else ""))
+              + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen and start < cfg.freeze_vlm_steps else ""))
     stream = data.mixed_batches(robot, mm, micro_size, mm_ratio, cfg.seed, ctx["rank"], ctx["world"],
                                 start=start * cfg.grad_accum)
     fixed = next(data.mixed_batches(robot, mm, min(cfg.batch_size, 16), mm_ratio, cfg.seed + 1))
     fixed_before = fixed_batch_loss(wrapped, teachers, fixed, cfg, ctx, reasoning)
     torch.manual_seed(cfg.seed + ctx["rank"])  # per-rank randomness (distill.py's flow noise, dropout)
-    if rng is not None:
-        set_rng_states(rng)  # last, so nothing above consumes the restored streams
+    if ckpt:
+        set_rng_states(ckpt["rng"])  # last, so nothing above consumes the restored streams
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=not rank0, mininterval=2, file=sys.stdout)
     log, first, t_log, logged = None, None, time.time(), start
     for step in range(start, cfg.steps):
