@@ -2902,6 +2902,31 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "generalist"))
 
 
+class Payload:
+    """Unpickling this runs code: what a crafted checkpoint would do under torch.load(weights_only=False)."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').close()",)
+
+
+def test_a_crafted_pickle_or_a_broken_file_in_a_checkpoint_is_refused(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    train.main(["--stage", "specialist", "--out", out] + flags(steps=2, ckpt_every=1))
+    ckpts = train.checkpoints(os.path.join(out, "specialist"))
+    ran = tmp_path / "code_ran"
+    torch.save(dict(model=Payload(str(ran)), optimizer={}), os.path.join(ckpts[1], "state.pt"))
+    resume = ["--stage", "specialist", "--out", out, "--resume"] + flags(steps=3, ckpt_every=1)
+    line = error_line(capsys, train.main, resume)
+    assert not ran.exists()
+    assert f"{ckpts[1]}/state.pt: unreadable checkpoint file" in line
+    assert f"newest intact checkpoint: {ckpts[0]} (delete {ckpts[1]}" in line
+    Path(ckpts[0], "rng_rank0.pt").write_bytes(b"PK")  # cut short
+    line = error_line(capsys, train.main, resume)
+    assert f"{ckpts[1]}/state.pt" in line and "newest intact checkpoint: none" in line
+
+
 def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
     line = error_line(capsys, train.main, ["--stage", "specialist", "--out", out] + flags(lr=1e30, grad_clip=0, ckpt_every=1))
