@@ -2715,7 +2715,7 @@ def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsy
     stats = json.load(open(os.path.join(out, "pruned", "prune_stats.json")))
     assert stats["mode"] == "both" and stats["reasoning_tokens_after"] < stats["reasoning_tokens_before"]
     # inputs now exist under OUT: a second distill run reuses them and trains only the student
-    train.main(["--stage", "distill", "--out", out] + flags(steps=2))
+    train.main(["--stage", "distill", "--out", out, "--overwrite"] + flags(steps=2))
     printed = capsys.readouterr().out
     assert "reusing" in printed and "running --stage" not in printed
     assert summary(out, "distill")["steps"] == 2
@@ -2925,6 +2925,36 @@ def test_a_crafted_pickle_or_a_broken_file_in_a_checkpoint_is_refused(base_run, 
     Path(ckpts[0], "rng_rank0.pt").write_bytes(b"PK")  # cut short
     line = error_line(capsys, train.main, resume)
     assert f"{ckpts[1]}/state.pt" in line and "newest intact checkpoint: none" in line
+
+
+def test_a_run_in_out_is_kept_unless_resumed_or_overwritten(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    args = ["--stage", "specialist", "--out", out] + flags(steps=2, ckpt_every=1)
+    train.main(args)
+    files = lambda: {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+    before = files()
+    train.main(args)   # the same command again: the finished run is kept and reported
+    assert "specialist: already done" in capsys.readouterr().out and files() == before
+    line = error_line(capsys, train.main, args + ["--lr", "1e-4"])
+    assert "holds a specialist run" in line and "--resume" in line and "--overwrite" in line
+    for flag, value in (("--batch-size", "4"), ("--seed", "1"), ("--data", str(base_run / "data"))):
+        line = error_line(capsys, train.main, args + ["--steps", "3", "--resume", flag, value])
+        assert line.startswith(f"error: --resume: {flag} is "), line
+    assert files() == before   # nothing deleted or rewritten by the refused runs
+    train.main(args + ["--lr", "1e-4", "--overwrite"])
+    assert saved_config(os.path.join(out, "specialist"))["lr"] == 1e-4
+    # --stage prune: never over its input; a prune of another mode is replaced only with --overwrite
+    prune_args = ["--stage", "prune", "--out", out] + flags()
+    train.main(prune_args)
+    pruned = Path(out, "pruned")
+    before = files()
+    line = error_line(capsys, train.main, prune_args + ["--data", str(pruned)])
+    assert "pruning would overwrite its input" in line
+    line = error_line(capsys, train.main, prune_args + ["--prune", "scene"])
+    assert f"{pruned} holds a prune" in line and "--overwrite" in line
+    assert files() == before
+    train.main(prune_args + ["--prune", "scene", "--overwrite"])
+    assert json.loads((pruned / "prune_stats.json").read_text())["mode"] == "scene"
 
 
 def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):

@@ -114,6 +114,7 @@ class TrainConfig:
     ckpt_every: int = 200           # steps between resumable checkpoints (and one at the end)
     keep_ckpts: int = 2             # resumable checkpoints kept (the newest)
     resume: bool = False            # continue from the newest checkpoint of each stage run
+    overwrite: bool = False         # replace a stage's earlier run in OUT (without it or --resume such a run is kept)
     eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
     eval_questions: int = 50        # --stage all: questions per demo benchmark
     ablations: bool = False         # --stage all: also distill with every other --prune and --kd mode (Tables 7, 8)
@@ -262,11 +263,15 @@ def robot_episodes(path, cameras=(), load_images=False):
 
 
 def robot_source(cfg, ctx):
+    """robot_path, the demo data written first when it is the demo's."""
+    if not cfg.data:
+        demo_data(cfg, ctx)
+    return robot_path(cfg)
+
+
+def robot_path(cfg):
     """--data, or the demo's robot episodes (OUT/data, or OUT/data/bimanual for --demo-task bimanual)."""
-    if cfg.data:
-        return cfg.data
-    root = demo_data(cfg, ctx)
-    return os.path.join(root, "bimanual") if cfg.demo_task == "bimanual" else root
+    return cfg.data or os.path.join(cfg.out, "data", *(("bimanual",) if cfg.demo_task == "bimanual" else ()))
 
 
 def data_cameras(cfg, path, robot):
@@ -747,13 +752,16 @@ def build_models(cfg, ctx, inputs, robot, cameras):
 
 
 def start_stage_dir(stage_dir, cfg, ctx, record):
-    """Resume from the newest checkpoint (--resume) or clear the old run's; write config.json."""
+    """Resume from the newest checkpoint (--resume), or clear what check_run_folder let be replaced; write
+    config.json."""
     latest = checkpoints(stage_dir)[-1:] if cfg.resume else []
     if ctx["rank"] == 0:
         if not latest:
             shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
             if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
                 os.remove(os.path.join(stage_dir, "metrics.jsonl"))
+        if os.path.exists(os.path.join(stage_dir, "summary.json")):  # stale until this run finishes
+            os.remove(os.path.join(stage_dir, "summary.json"))
         os.makedirs(stage_dir, exist_ok=True)
         data.atomic_write(os.path.join(stage_dir, "config.json"), json.dumps(dict(asdict(cfg), **record), indent=1))
     barrier(ctx)
@@ -856,10 +864,13 @@ def train(cfg, ctx, inputs):
 # ----------------------------------------------------------------------------- stages
 
 def run_prune(cfg, ctx):
-    """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json)."""
+    """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json, which also
+    records the source, so a prune of other data never counts as done)."""
     out, t0, source = os.path.join(cfg.out, "pruned"), time.time(), robot_source(cfg, ctx)
     if ctx["rank"] == 0:
         _, stats = prune.prune(robot_episodes(source, camera_list(cfg)), cfg.prune, out=out)  # frames opened per episode
+        data.atomic_write(os.path.join(out, "prune_stats.json"),
+                          json.dumps(dict(stats, source=os.path.realpath(source)), indent=2))
         print(f"prune ({cfg.prune}): reasoning kept on {stats['keyframes']} of {stats['frames']} frames, "
               f"{stats['reasoning_tokens_after']} of {stats['reasoning_tokens_before']} words -> {out}")
     barrier(ctx)
@@ -867,19 +878,24 @@ def run_prune(cfg, ctx):
 
 
 # Flags that change no stage's result: a finished run with other values of these still counts as done.
-RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every")
+RUN_ONLY = ("resume", "overwrite", "ablations", "eval_episodes", "eval_questions", "log_every")
+# Flags a resumed run must share with the checkpoint's: they decide the data order and what is learned from.
+RESUME_FIXED = ("data", "mm_data", "mm_images", "pruned_data", "demo_episodes", "demo_qa", "demo_task", "demo_hold",
+                "demo_noise", "cameras", "backbone", "init", "action_teacher", "reasoning_teacher", "batch_size",
+                "grad_accum", "mm_ratio", "seed")
 
 
 def finished(cfg):
-    """--resume: this stage's summary if its run already finished with the same flags, else None. So a killed
-    `--stage all` goes on where it stopped, and `--stage all --ablations --resume` after a plain `--stage all`
-    trains only the ablations."""
-    if not cfg.resume:
+    """This stage's summary if a run of it already finished in OUT with the same flags, else None (also with
+    --overwrite). So a rerun or a killed `--stage all` goes on where it stopped, and `--stage all --ablations`
+    after a plain `--stage all` trains only the ablations."""
+    if cfg.overwrite:
         return None
     if cfg.stage == "prune":
         out = os.path.join(cfg.out, "pruned")
         stats = os.path.join(out, "prune_stats.json")
-        done = os.path.isfile(stats) and load_json(stats).get("mode") == cfg.prune
+        done = os.path.isfile(stats) and load_json(stats).get("mode") == cfg.prune and \
+            load_json(stats).get("source") == os.path.realpath(robot_path(cfg))
         return dict(stage="prune", model=out, wall_s=0.0) if done else None
     stage_dir = os.path.join(cfg.out, cfg.stage)
     paths = [os.path.join(stage_dir, f) for f in ("summary.json", "config.json")]
@@ -891,6 +907,38 @@ def finished(cfg):
     return summary if same and summary.get("steps") == cfg.steps else None
 
 
+def check_run_folder(cfg):
+    """Nothing in OUT is replaced unasked: a stage folder holding another run needs --resume (continue it from
+    its newest checkpoint) or --overwrite; --resume refuses flags that would change its data or batches."""
+    if cfg.stage == "prune":
+        out = os.path.join(cfg.out, "pruned")
+        if cfg.data and os.path.realpath(cfg.data) == os.path.realpath(out):
+            raise UserError(f"--data {cfg.data} is --stage prune's output folder: pruning would overwrite its input; "
+                            f"pick another --out")
+        if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+            raise UserError(f"{out} holds a prune of other data or another --prune mode; --overwrite replaces it, "
+                            f"or pick another --out")
+        return
+    stage_dir = os.path.join(cfg.out, cfg.stage)
+    held = [n for n in ("metrics.jsonl", "summary.json", "model") if os.path.exists(os.path.join(stage_dir, n))]
+    ckpts = checkpoints(stage_dir)
+    if cfg.overwrite or not (held or ckpts):
+        return
+    if not cfg.resume:
+        raise UserError(f"{stage_dir} holds a {cfg.stage} run with other flags or unfinished; --resume continues it, "
+                        f"--overwrite replaces it, or pick another --out")
+    if not ckpts and "model" in held:
+        raise UserError(f"{stage_dir} holds a trained model but no checkpoint to resume from; --overwrite replaces it")
+    config = os.path.join(stage_dir, "config.json")
+    old = load_json(config) if ckpts and os.path.isfile(config) else {}
+    flags = json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in RESUME_FIXED if k in old and old[k] != flags[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r}, the run in {stage_dir} used {old[k]!r}; "
+                        f"resume with the same value, or --overwrite to start again")
+
+
 def run_stage(stage, explicit, ctx):
     """Run `stage`, building its missing default inputs first (or reusing them from OUT)."""
     cfg = stage_config(stage, explicit)
@@ -898,12 +946,16 @@ def run_stage(stage, explicit, ctx):
     previous = finished(cfg)
     if previous:
         if ctx["rank"] == 0:
-            print(f"{stage}: already done in {previous['model']} with these flags (--resume)")
+            print(f"{stage}: already done in {previous['model']} with these flags (--overwrite trains it again)")
         return [previous]
+    check_run_folder(cfg)
     inputs, done = stage_inputs(cfg), []
     for name, (path, maker) in inputs.items():
-        exists = os.path.isfile(os.path.join(path, "model.safetensors")) or \
-            os.path.isfile(os.path.join(path, "episodes.jsonl"))
+        if maker == "prune":  # pruned data of another --prune mode or other data must not stand in
+            flags = {k: v for k, v in explicit.items() if k not in STAGE_INPUTS}
+            exists = finished(stage_config("prune", dict(flags, overwrite=False)))
+        else:
+            exists = os.path.isfile(os.path.join(path, "model.safetensors"))
         if maker and not exists:
             if ctx["rank"] == 0:
                 print(f"{stage}: {name} {path} is missing; running --stage {maker} first")
