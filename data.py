@@ -397,7 +397,10 @@ def iter_llava(json_path, image_root, load_images=True):
             text_only += 1
             continue
         many = isinstance(entry["image"], list)
-        paths = [os.path.join(image_root, rel) for rel in (entry["image"] if many else [entry["image"]])]
+        rels = entry["image"] if many else [entry["image"]]
+        if not rels or not all(isinstance(rel, str) for rel in rels):
+            raise DataError(f"{where}: field 'image' must be a file name or a list of them")
+        paths = [os.path.join(image_root, rel) for rel in rels]
         if not all(os.path.exists(p) for p in paths):
             missing += 1
             continue
@@ -408,9 +411,10 @@ def iter_llava(json_path, image_root, load_images=True):
         for k in range(0, len(turns), 2):
             human, gpt = turns[k], turns[k + 1]
             if not (isinstance(human, dict) and isinstance(gpt, dict) and human.get("from") == "human"
-                    and gpt.get("from") == "gpt" and "value" in human and "value" in gpt):
+                    and gpt.get("from") == "gpt" and isinstance(human.get("value"), str)
+                    and isinstance(gpt.get("value"), str)):
                 raise DataError(f"{where}: field 'conversations' turns {k}-{k + 1}: expected a 'human' then a "
-                                f"'gpt' turn, each with a 'value'")
+                                f"'gpt' turn, each with a string 'value'")
             rid = str(entry.get("id", n)) + (f"_{k // 2}" if k else "")
             yield dict(image=images if many else images[0], instruction=human["value"].replace("<image>", "").strip(),
                        state=None, action=None, reasoning=gpt["value"], domain="mm", id=rid)

@@ -2873,6 +2873,8 @@ def test_resume_at_every_step_and_inside_every_write_is_bit_identical(base_run, 
         cut = fresh_run(base_run, tmp_path, f"cut{k}{part}")
         os.makedirs(os.path.join(cut, "specialist", "checkpoints"))
         shutil.copy(os.path.join(ref, "specialist", "metrics.jsonl"), os.path.join(cut, "specialist"))  # logged on
+        with open(os.path.join(cut, "specialist", "metrics.jsonl"), "a") as f:
+            f.write('{"step": 8, "lo')  # and killed inside a line
         if k:
             shutil.copytree(ckpt(ref, k), ckpt(cut, k))
         if part:
@@ -2982,6 +2984,13 @@ def bad_episodes(path, edit):
     return str(path)
 
 
+def llava(tmp, entries):
+    """A LLaVA JSON beside an image a.png."""
+    frame(0).save(tmp / "a.png")
+    (tmp / "mm.json").write_text(json.dumps(entries))
+    return str(tmp / "mm.json")
+
+
 def set_step(rows, ep, t, field, value):
     rows[ep]["steps"][t][field] = value
 
@@ -3036,6 +3045,14 @@ BAD_INPUTS = {
         ["episode e1 step 2 field 'image': corrupt image", "e1_2.png"]),
     "prune an empty episode": (lambda tmp, *_: ["--stage", "prune", "--data", bad_episodes(
         tmp / "d", lambda rows: rows[1].update(steps=[]))], ["episode 'e1': field 'steps' is empty"]),
+    "LLaVA image not a name": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image=7, conversations=[])])], ["mm.json entry 0 (id 'q0'): field 'image'"]),
+    "LLaVA answer not a string": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image="a.png", conversations=[dict(value="<image>?", **{"from": "human"}),
+                                                          dict(value=5, **{"from": "gpt"})])])],
+        ["entry 0 (id 'q0'): field 'conversations' turns 0-1"]),
+    "every LLaVA image missing": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image="gone.png", conversations=[])])], ["mm.json: no multimodal sample with its image"]),
     "summary.json cut short": (lambda tmp, out, *_: [Path(out, "specialist").mkdir(parents=True),
                                                      Path(out, "specialist", "summary.json").write_text("{"),
                                                      Path(out, "specialist", "config.json").write_text("{}")] and SPECIALIST,
