@@ -2995,8 +2995,13 @@ def set_step(rows, ep, t, field, value):
     rows[ep]["steps"][t][field] = value
 
 
-def broken_model(path, tiny_path):
+def saved_model(path, tiny_path):
     DualVLA(VLAConfig(backbone=tiny_path, image_size=56, head_image_size=32)).save_pretrained(str(path))
+    return str(path)
+
+
+def broken_model(path, tiny_path):
+    saved_model(path, tiny_path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     return str(path)
@@ -3053,6 +3058,14 @@ BAD_INPUTS = {
         ["entry 0 (id 'q0'): field 'conversations' turns 0-1"]),
     "every LLaVA image missing": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
         tmp, [dict(id="q0", image="gone.png", conversations=[])])], ["mm.json: no multimodal sample with its image"]),
+    "special token in an instruction": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(instruction="pick up <|image_pad|> the can"))],
+        ["episode e1 step 0: field 'instruction' holds the special token <|image_pad|>"]),
+    "special token in an answer": (lambda tmp, out, tiny, _: ["--stage", "generalist", "--init", saved_model(
+        tmp / "m", tiny), "--mm-data", llava(
+        tmp, [dict(id="q0", image="a.png", conversations=[dict(value="<image>?", **{"from": "human"}),
+                                                          dict(value="yes <|act|>", **{"from": "gpt"})])])],
+        ["sample q0: field 'reasoning' holds the special token <|act|>"]),
     "summary.json cut short": (lambda tmp, out, *_: [Path(out, "specialist").mkdir(parents=True),
                                                      Path(out, "specialist", "summary.json").write_text("{"),
                                                      Path(out, "specialist", "config.json").write_text("{}")] and SPECIALIST,

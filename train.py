@@ -325,6 +325,19 @@ def check_robot_data(config, robot, path, cfg):
                 raise UserError(f"{where}: field '{field}' has {len(r[field])} values, the model expects {width}")
 
 
+def check_text(tokenizer, records, path):
+    """No instruction, reasoning or answer may hold a special token's text: "<|image_pad|>" would be read as an
+    image slot and "<|act|>" as the start of the action (UserError naming the record and field)."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    for n, r in enumerate(records):
+        for field, text in (("instruction", r["instruction"]), ("reasoning", data.reasoning_text(r["reasoning"]))):
+            found = [t for t in re.findall(r"<\|[^|<>]*\|>", text) if t in specials] if "<|" in text else []
+            if found:
+                name = f"episode {r['episode']} step {r['step']}" if r["domain"] == "robot" else f"sample {r.get('id', n)}"
+                raise UserError(f"{path}: {name}: field '{field}' holds the special token {found[0]} (the model's "
+                                f"own markup); remove or reword it")
+
+
 def mm_records(cfg, ctx):
     """The multimodal records (images as paths): --mm-data, or the demo's QA pairs."""
     path = cfg.mm_data or os.path.join(demo_data(cfg, ctx), "mm.json")
@@ -828,6 +841,8 @@ def train(cfg, ctx, inputs):
     data.verify_images(mm, cfg.mm_data or "the demo's mm.json")
     model, teachers, rebuild = build_models(cfg, ctx, inputs, robot, data_cameras(cfg, robot_path, robot))
     check_robot_data(model.config, robot, robot_path, cfg)
+    check_text(model.tokenizer, robot, robot_path)
+    check_text(model.tokenizer, mm, cfg.mm_data or "the demo's mm.json")
     data.add_action_chunks(robot, model.config.chunk)
     reasoning = cfg.stage != "specialist"  # Eq. 2: the specialist's targets hold no reasoning
     micro_size, rem = divmod(cfg.batch_size, ctx["world"] * cfg.grad_accum)
