@@ -1289,6 +1289,19 @@ def test_kinematic_bad_input_and_short_episodes():
     assert prune.kinematic_labels([[0] * 6, [5] * 6], [1, 0]).tolist() == [False, True]
 
 
+def test_prune_episodes_shorter_than_the_scene_window_and_empty_ones():
+    """Episodes of 1..4 frames (shorter than the ±scene_window dilation) get one mask entry per frame in every
+    mode; an episode without frames is refused by name."""
+    short = [dict(id=f"s{n}", instruction="x", steps=synthetic_episode("e", seg_lens=(n,))["steps"]) for n in (1, 2, 3, 4)]
+    for mode in prune.MODES:
+        pruned, stats = prune.prune(short, mode)
+        assert [len(ep["steps"]) for ep in pruned] == [1, 2, 3, 4] and stats["frames"] == 10
+    assert prune.dilate(np.array([False, True, False]), 2).tolist() == [True, True, True]
+    assert prune.dilate(np.array([True, False, False, False, False, False]), 2).tolist() == [True] * 3 + [False] * 3
+    with pytest.raises(DataError, match="episode 'empty': field 'steps' is empty"):
+        prune.prune(short + [dict(id="empty", instruction="x", steps=[])], "both")
+
+
 def test_kinematic_batched_equals_per_episode():
     rng = np.random.default_rng(0)
     poses = rng.normal(size=(7, 30, 6)).cumsum(axis=1)
