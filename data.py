@@ -158,6 +158,28 @@ def _open_image(source, where):
         raise DataError(f"{where}: corrupt image {name} ({e})") from None
 
 
+def verify_images(records, where):
+    """A fast pass over the image files of records before a long job: each must open as an image whose data is
+    complete (PIL's verify: chunks and checksums, no decoding), so a corrupt frame fails now rather than when a
+    batch first uses it. LeRobot frames (LazyFrame) are checked as they are decoded."""
+    for n, r in enumerate(records):
+        for p in r["image"] if isinstance(r["image"], (list, tuple)) else [r["image"]]:
+            if not isinstance(p, str):
+                continue
+            name = f"episode {r['episode']} step {r['step']}" if r["domain"] == "robot" else f"sample {n}"
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except FileNotFoundError:
+                raise DataError(f"{where}: {name} field 'image': image file not found: {p}") from None
+            except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+                raise DataError(f"{where}: {name} field 'image': corrupt image {p} ({e})") from None
+
+
+def _not_utf8(path, e):
+    return DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
+
+
 def _load_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -166,6 +188,8 @@ def _load_json(path):
         raise DataError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
 
 
 def _jsonl(path, required=()):
@@ -173,8 +197,13 @@ def _jsonl(path, required=()):
     file, line and field."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             where = f"{path} line {n}"
@@ -196,6 +225,9 @@ def _vector(value, where, dims, key):
         raise DataError(f"{where}: field '{key}' is not a list of numbers") from None
     if v.ndim != 1:
         raise DataError(f"{where}: field '{key}' should be a flat list, got shape {v.shape}")
+    if not np.isfinite(v).all():  # clipped by the normalisation, an inf would train as a plausible value
+        i = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise DataError(f"{where}: field '{key}' holds {v[i]} at index {i} (values must be finite)")
     if dims.get(key) is None:
         dims[key] = len(v)
     elif len(v) != dims[key]:
@@ -252,16 +284,29 @@ def iter_episodes(path, load_images=True, action_dim=None):
     jsonl = os.path.join(path, "episodes.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(jsonl):
         raise DataError(f"{path}: no episodes.jsonl (not an episode folder)")
-    root, dims = os.path.dirname(jsonl), {"state": None, "action": action_dim}
+    root, dims, seen = os.path.dirname(jsonl), {"state": None, "action": action_dim}, {}
     for where, ep in _jsonl(jsonl, ("id", "instruction", "steps")):
+        if not isinstance(ep["id"], (str, int)) or isinstance(ep["id"], bool):
+            raise DataError(f"{where}: field 'id' must be a string or an integer, got {type(ep['id']).__name__}")
+        if str(ep["id"]) in seen:  # two episodes under one id would mix their action chunks
+            raise DataError(f"{where}: field 'id' {ep['id']!r} repeats the id of {seen[str(ep['id'])]}")
+        seen[str(ep["id"])] = where
         where += f" (episode {ep['id']!r})"
+        if not isinstance(ep["instruction"], str):
+            raise DataError(f"{where}: field 'instruction' must be a string, got {type(ep['instruction']).__name__}")
+        if not isinstance(ep["steps"], list):
+            raise DataError(f"{where}: field 'steps' must be a list of steps, got {type(ep['steps']).__name__}")
         steps = []
         for t, step in enumerate(ep["steps"]):
             w = f"{where} step {t}"
+            if not isinstance(step, dict):
+                raise DataError(f"{w}: a step must be an object, got {type(step).__name__}")
             for field in ("image", "state", "action"):
                 if field not in step:
                     raise DataError(f"{w}: missing field '{field}'")
             names = step["image"] if isinstance(step["image"], list) else [step["image"]]
+            if not names or not all(isinstance(name, str) for name in names):
+                raise DataError(f"{w}: field 'image' must be a file name or a list of them")
             paths = [os.path.join(root, name) for name in names]
             for p in paths if not load_images else ():
                 if not os.path.exists(p):
@@ -279,9 +324,13 @@ def read_episodes(path, load_images=True, action_dim=None):
 
 
 def episode_records(episodes):
-    """Episodes -> robot records, one per step (the step's phase is kept when it has one)."""
-    records = []
-    for ep in episodes:
+    """Episodes -> robot records, one per step (the step's phase is kept when it has one). Episode ids must
+    be unique: the action chunks are gathered by id."""
+    records, seen = [], {}
+    for n, ep in enumerate(episodes):
+        if str(ep["id"]) in seen:
+            raise DataError(f"episodes {seen[str(ep['id'])]} and {n} share the id {str(ep['id'])!r}")
+        seen[str(ep["id"])] = n
         for t, step in enumerate(ep["steps"]):
             r = dict(image=step["image"], instruction=ep["instruction"], state=step["state"],
                      action=step["action"], reasoning=step.get("reasoning"), domain="robot",
@@ -352,7 +401,10 @@ def iter_llava(json_path, image_root, load_images=True):
             text_only += 1
             continue
         many = isinstance(entry["image"], list)
-        paths = [os.path.join(image_root, rel) for rel in (entry["image"] if many else [entry["image"]])]
+        rels = entry["image"] if many else [entry["image"]]
+        if not rels or not all(isinstance(rel, str) for rel in rels):
+            raise DataError(f"{where}: field 'image' must be a file name or a list of them")
+        paths = [os.path.join(image_root, rel) for rel in rels]
         if not all(os.path.exists(p) for p in paths):
             missing += 1
             continue
@@ -363,9 +415,10 @@ def iter_llava(json_path, image_root, load_images=True):
         for k in range(0, len(turns), 2):
             human, gpt = turns[k], turns[k + 1]
             if not (isinstance(human, dict) and isinstance(gpt, dict) and human.get("from") == "human"
-                    and gpt.get("from") == "gpt" and "value" in human and "value" in gpt):
+                    and gpt.get("from") == "gpt" and isinstance(human.get("value"), str)
+                    and isinstance(gpt.get("value"), str)):
                 raise DataError(f"{where}: field 'conversations' turns {k}-{k + 1}: expected a 'human' then a "
-                                f"'gpt' turn, each with a 'value'")
+                                f"'gpt' turn, each with a string 'value'")
             rid = str(entry.get("id", n)) + (f"_{k // 2}" if k else "")
             yield dict(image=images if many else images[0], instruction=human["value"].replace("<image>", "").strip(),
                        state=None, action=None, reasoning=gpt["value"], domain="mm", id=rid)
@@ -1108,8 +1161,8 @@ def _robot_summary(episodes, cameras, max_episodes):
 
 
 def inspect_path(path, max_episodes=None, image_root=None):
-    """What a data path holds, as the lines `python data.py inspect PATH` prints (images are checked to
-    exist, not decoded, so this stays fast on a large set)."""
+    """What a data path holds, as the lines `python data.py inspect PATH` prints. Every frame and image is
+    decoded, so a corrupt one is found here rather than in a training run (--max-episodes limits the episodes)."""
     path = str(path)
     if os.path.exists(os.path.join(path, "meta", "info.json")):
         meta = lerobot_meta(path)
@@ -1117,7 +1170,7 @@ def inspect_path(path, max_episodes=None, image_root=None):
         cams = [f"{k} {f['dtype']} {f.get('shape')}" for k, f in feats.items()
                 if isinstance(f, dict) and f.get("dtype") in ("image", "video")]
         return [f"format: LeRobot {meta['version']} (fps {meta['info']['fps']})"] + \
-            _robot_summary(iter_lerobot(path, load_images=False), cams, max_episodes)
+            _robot_summary(iter_lerobot(path), cams, max_episodes)
     if os.path.isdir(path) or path.endswith(".jsonl"):
         first = next(iter_episodes(path, load_images=False), None)
         if first is None:
@@ -1126,13 +1179,15 @@ def inspect_path(path, max_episodes=None, image_root=None):
         sizes = (_open_image(p, path).size for p in (image if isinstance(image, list) else [image]))
         cams = [f"{w}x{h}" for w, h in sizes]
         return ["format: episode folder (episodes.jsonl + images/)"] + \
-            _robot_summary(iter_episodes(path, load_images=False), cams, max_episodes)
+            _robot_summary(iter_episodes(path), cams, max_episodes)
     if not path.endswith(".json"):
         raise DataError(f"{path}: unknown layout (expected an episode folder, a LeRobot dataset, or a .json file)")
     data = _load_json(path)
     if isinstance(data, list):
         recs = list(iter_llava(path, image_root or os.path.dirname(path), load_images=False))
         images = {p for r in recs for p in (r["image"] if isinstance(r["image"], list) else [r["image"]])}
+        for p in sorted(images):
+            _open_image(p, path)
         return ["format: LLaVA JSON", f"entries: {len(data)}", f"question/answer records: {len(recs)}",
                 f"image files: {len(images)}"]
     first = next(iter(next(iter(data.values()), {}).values()), {}) if isinstance(data, dict) else {}
@@ -1171,7 +1226,7 @@ def main(argv=None):
                   f"{info['total_frames']} frames, {info['total_tasks']} tasks, images as {'mp4' if args.video else 'PNG'}")
             return
         print("\n".join(inspect_path(args.path, args.max_episodes, args.image_root)))
-    except (DataError, ImportError) as e:
+    except (DataError, ImportError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever a library said
         sys.exit(2)
 

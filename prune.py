@@ -387,7 +387,8 @@ def dilate(mask, w):
     """True within ±w frames of any True frame."""
     if w == 0:
         return mask
-    return np.convolve(mask.astype(np.int64), np.ones(2 * w + 1, dtype=np.int64), mode="same") > 0
+    # the full convolution, centred: mode="same" returns the kernel's length when the episode is shorter
+    return np.convolve(mask.astype(np.int64), np.ones(2 * w + 1, dtype=np.int64))[w:w + len(mask)] > 0
 
 
 def random_keep(k, n, seed, episode_id):
@@ -443,17 +444,25 @@ def keyframes(episode, mode="both", cfg=None, detector=None):
 def as_episodes(records_or_path):
     """A path to an episode folder, a list of episodes, or a list of robot records -> list of episodes."""
     if isinstance(records_or_path, (str, os.PathLike)):
-        return data.read_episodes(records_or_path)
+        return check_lengths(data.read_episodes(records_or_path))
     items = list(records_or_path)
     if not items:
         raise DataError("prune: no episodes or records given")
     if all("steps" in x for x in items):
-        return items
+        return check_lengths(items)
     for i, r in enumerate(items):
         if r.get("domain", "robot") != "robot":
             raise DataError(f"prune: record {i} has domain {r.get('domain')!r}; pruning applies to robot "
                             f"episodes only (Sec. 3.2.1), pass the robot records")
     return data.records_to_episodes(items)
+
+
+def check_lengths(episodes):
+    """An episode without frames has nothing to prune (one frame is fine: only a gripper flip could label it)."""
+    for i, ep in enumerate(episodes):
+        if not ep["steps"]:
+            raise DataError(f"prune: episode {ep.get('id', i)!r}: field 'steps' is empty (an episode needs a frame)")
+    return episodes
 
 
 def reasoning_tokens(reasoning):
@@ -624,6 +633,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, UserError, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)

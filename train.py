@@ -23,10 +23,12 @@ clipping, warmup + constant/cosine LR, atomic checkpoints every --ckpt-every ste
 kill reproduces the uninterrupted run bit for bit (same world size and --threads).
 """
 import argparse
+import errno
 import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
@@ -128,6 +131,7 @@ class TrainConfig:
     ckpt_every: int = 200           # steps between resumable checkpoints (and one at the end)
     keep_ckpts: int = 2             # resumable checkpoints kept (the newest)
     resume: bool = False            # continue from the newest checkpoint of each stage run
+    overwrite: bool = False         # replace a stage's earlier run in OUT (without it or --resume such a run is kept)
     eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
     eval_questions: int = 50        # --stage all: questions per demo benchmark
     ablations: bool = False         # --stage all: also distill with every other --prune and --kd mode (Tables 7, 8)
@@ -227,14 +231,31 @@ def stage_config(stage, explicit):
     return cfg
 
 
+# Smallest value of each numeric flag. --keep-ckpts 0 would keep no checkpoint to resume from; --chunk 0 and
+# --threads 0 mean the defaults (see their help).
+MINIMUM = dict(steps=1, batch_size=1, grad_accum=1, log_every=1, ckpt_every=1, keep_ckpts=1, n_queries=1, chunk=0,
+               threads=0, warmup_steps=0, min_lr_ratio=0, weight_decay=0, grad_clip=0, freeze_vlm_steps=0,
+               ground_weight=0, lambda_kd=0, demo_episodes=1, demo_qa=0, demo_hold=0, image_size=28,
+               head_image_size=8, eval_episodes=0, eval_questions=0)
+
+
 def validate(cfg):
     """Config and path errors as UserError, before anything is built."""
     for name in ("data", "mm_data", "mm_images", "pruned_data", "init", "action_teacher", "reasoning_teacher"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise UserError(f"--{name.replace('_', '-')} {path}: no such file or folder")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or not 0 <= cfg.mm_ratio < 1:
-        raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} {value}: must be a finite number")
+        if f.name in MINIMUM and value < MINIMUM[f.name]:
+            raise UserError(f"{flag} {value}: must be >= {MINIMUM[f.name]}")
+    for name in ("lr", "kd_temperature"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
+    if not 0 <= cfg.mm_ratio < 1:
+        raise UserError(f"--mm-ratio {cfg.mm_ratio}: must be >= 0 and < 1")
     if cfg.lora_rank and cfg.fsdp:  # fully_shard replaces the parameters, and with them add_lora's gradient hook
         raise UserError("--lora-rank runs under DDP, not --fsdp (with LoRA the 3B model's training state fits a GPU)")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
@@ -287,11 +308,15 @@ def robot_episodes(path, cameras=(), load_images=False):
 
 
 def robot_source(cfg, ctx):
+    """robot_path, the demo data written first when it is the demo's."""
+    if not cfg.data:
+        demo_data(cfg, ctx)
+    return robot_path(cfg)
+
+
+def robot_path(cfg):
     """--data, or the demo's robot episodes (OUT/data, or OUT/data/bimanual for --demo-task bimanual)."""
-    if cfg.data:
-        return cfg.data
-    root = demo_data(cfg, ctx)
-    return os.path.join(root, "bimanual") if cfg.demo_task == "bimanual" else root
+    return cfg.data or os.path.join(cfg.out, "data", *(("bimanual",) if cfg.demo_task == "bimanual" else ()))
 
 
 def data_cameras(cfg, path, robot):
@@ -324,6 +349,19 @@ def check_robot_data(config, robot, path, cfg):
         for field, width in (("action", config.action_dim), ("state", config.state_dim)):
             if len(r[field]) != width:
                 raise UserError(f"{where}: field '{field}' has {len(r[field])} values, the model expects {width}")
+
+
+def check_text(tokenizer, records, path):
+    """No instruction, reasoning or answer may hold a special token's text: "<|image_pad|>" would be read as an
+    image slot and "<|act|>" as the start of the action (UserError naming the record and field)."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    for n, r in enumerate(records):
+        for field, text in (("instruction", r["instruction"]), ("reasoning", data.reasoning_text(r["reasoning"]))):
+            found = [t for t in re.findall(r"<\|[^|<>]*\|>", text) if t in specials] if "<|" in text else []
+            if found:
+                name = f"episode {r['episode']} step {r['step']}" if r["domain"] == "robot" else f"sample {r.get('id', n)}"
+                raise UserError(f"{path}: {name}: field '{field}' holds the special token {found[0]} (the model's "
+                                f"own markup); remove or reword it")
 
 
 def mm_records(cfg, ctx):
@@ -452,7 +490,10 @@ def new_model(cfg, backbone, robot, cameras, parts=(), head_vision=""):
 
 def load_model(path, cfg):
     checkpoint_head(path, cfg)
-    return DualVLA.from_pretrained(path)
+    try:
+        return DualVLA.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # cut short, edited, another model's weights
+        raise UserError(f"{path}: cannot load this checkpoint ({first_line(e)})") from None
 
 
 def on_device(model, ctx):
@@ -602,7 +643,11 @@ def checkpoints(stage_dir):
 
 
 def rng_states():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+    """Tensors and plain values only, so a checkpoint loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
+                           cached_gaussian=cached),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
@@ -620,11 +665,11 @@ def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
     if ctx["rank"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
+        torch_save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "progress.json"), "w") as f:
             json.dump(dict(step=step, data_position=step * cfg.grad_accum, world=ctx["world"]), f)
     barrier(ctx)
-    torch.save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
+    torch_save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
     barrier(ctx)
     if ctx["rank"] == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -635,34 +680,100 @@ def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
     return path
 
 
-def restore_checkpoint(path, model, opt, cfg, ctx):
-    """Load a checkpoint's model and optimizer; returns (step, RNG states to restore last)."""
-    done = progress(path)
+def torch_save(obj, path):
+    """torch.save through an open file: a full disk then raises OSError ENOSPC naming the file (saving to a path
+    reports only "unexpected pos ...")."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def read_checkpoint(path, cfg, ctx):
+    """A checkpoint's progress, model and optimizer state and this rank's RNG states, each file loaded with
+    torch.load(weights_only=True) or as JSON: a crafted pickle is refused, never run. UserError naming the
+    broken file and the newest intact checkpoint before it."""
+    bcast = cfg.fsdp and ctx["world"] > 1  # FSDP: rank 0 reads the state, the others receive their shards
+    try:
+        return load_checkpoint(path, ctx["rank"], state=ctx["rank"] == 0 or not bcast)
+    except UserError as e:
+        older = [p for p in checkpoints(os.path.dirname(os.path.dirname(path))) if p < path]
+        intact = next((p for p in reversed(older) if checkpoint_loads(p, ctx["rank"])), None)
+        raise UserError(f"{e}; newest intact checkpoint: " + (f"{intact} (delete {path} to resume from it)" if intact
+                        else "none (start again with --overwrite)")) from None
+
+
+def load_checkpoint(path, rank, state=True):
+    """progress.json, state.pt (model and optimizer; empty when not `state`) and rng_rank<rank>.pt."""
+    loaded = {}
+    for key, name in (("progress", "progress.json"), ("state", "state.pt"), ("rng", f"rng_rank{rank}.pt")):
+        file = os.path.join(path, name)
+        if key == "state" and not state:
+            loaded[key] = dict(model={}, optimizer={})
+            continue
+        try:
+            loaded[key] = load_json(file) if name.endswith(".json") else \
+                torch.load(file, map_location="cpu", weights_only=True)
+        except UserError as e:
+            raise UserError(f"{file}: unreadable checkpoint file ({str(e).split(': ', 1)[-1]})") from None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise UserError(f"{file}: unreadable checkpoint file ({first_line(e)})") from None
+    return loaded
+
+
+def checkpoint_loads(path, rank):
+    try:
+        load_checkpoint(path, rank)
+        return True
+    except UserError:
+        return False
+
+
+def first_line(e):
+    """An exception's first line (torch's unpickling errors run to a dozen)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def restore_checkpoint(ckpt, model, opt, cfg, ctx):
+    """Load a read_checkpoint's model and optimizer state into the run; returns its step."""
+    done = ckpt["progress"]
     if done["world"] != ctx["world"]:
-        raise UserError(f"{path} was written by {done['world']} processes, this run has {ctx['world']}; "
+        raise UserError(f"the checkpoint was written by {done['world']} processes, this run has {ctx['world']}; "
                         f"resume with the same number (the data order depends on it)")
-    # FSDP: rank 0 reads, the others receive their shards (one set_state_dict for both deadlocks, FACTS.md)
-    bcast = cfg.fsdp and ctx["world"] > 1
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False) if ctx["rank"] == 0 or not bcast \
-        else dict(model={}, optimizer={})
-    inner, opts = unwrap(model), StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast)
-    set_model_state_dict(inner, state["model"], options=opts)
-    set_optimizer_state_dict(inner, opt, state["optimizer"], options=opts)
-    return done["step"], torch.load(os.path.join(path, f"rng_rank{ctx['rank']}.pt"), weights_only=False)
+    # one set_state_dict for model and optimizer under FSDP deadlocks (FACTS.md)
+    inner = unwrap(model)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=cfg.fsdp and ctx["world"] > 1)
+    set_model_state_dict(inner, ckpt["state"]["model"], options=opts)
+    set_optimizer_state_dict(inner, opt, ckpt["state"]["optimizer"], options=opts)
+    return done["step"]
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; a line a kill cut short counts as logged after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def progress(path):
-    return load_json(os.path.join(path, "progress.json"))
+    """A JSON object this script wrote (config, summary, progress, prune stats); UserError naming the file when it
+    was cut short or edited into something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def set_rng_states(s):
+    n = s["numpy"]
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(s["python"])
     if s["cuda"] is not None:
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -678,7 +789,10 @@ def save_final(model, stage_dir, cfg, ctx, rebuild):
             plain.load_state_dict(sd)
             plain.save_pretrained(path)
     elif ctx["rank"] == 0:
-        unwrap(model).save_pretrained(path)
+        try:
+            unwrap(model).save_pretrained(path)
+        except SafetensorError as e:  # its I/O errors carry no errno, only the OS's text
+            raise OSError(errno.ENOSPC if "os error 28" in str(e) else errno.EIO, first_line(e), path) from None
     barrier(ctx)
     return path
 
@@ -847,13 +961,16 @@ def build_models(cfg, ctx, inputs, robot, cameras):
 
 
 def start_stage_dir(stage_dir, cfg, ctx, record):
-    """Resume from the newest checkpoint (--resume) or clear the old run's; write config.json."""
+    """Resume from the newest checkpoint (--resume), or clear what check_run_folder let be replaced; write
+    config.json."""
     latest = checkpoints(stage_dir)[-1:] if cfg.resume else []
     if ctx["rank"] == 0:
         if not latest:
             shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
             if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
                 os.remove(os.path.join(stage_dir, "metrics.jsonl"))
+        if os.path.exists(os.path.join(stage_dir, "summary.json")):  # stale until this run finishes
+            os.remove(os.path.join(stage_dir, "summary.json"))
         os.makedirs(stage_dir, exist_ok=True)
         data.atomic_write(os.path.join(stage_dir, "config.json"), json.dumps(dict(asdict(cfg), **record), indent=1))
     barrier(ctx)
@@ -867,9 +984,16 @@ def train(cfg, ctx, inputs):
     robot = data.episode_records(robot_episodes(robot_path, camera_list(cfg)))
     if not robot:
         raise UserError(f"{robot_path}: no robot frames")
+    data.verify_images(robot, robot_path)
     mm = mm_records(cfg, ctx) if cfg.stage != "specialist" else []  # Eq. 2: robot data only
+    if cfg.stage != "specialist" and cfg.mm_ratio > 0 and not mm:  # Eq. 3 without its multimodal half
+        raise UserError(f"{cfg.mm_data or 'the demo'}: no multimodal sample with its image found; check --mm-images "
+                        f"(or --mm-ratio 0 to train without multimodal data)")
+    data.verify_images(mm, cfg.mm_data or "the demo's mm.json")
     model, teachers, rebuild = build_models(cfg, ctx, inputs, robot, data_cameras(cfg, robot_path, robot))
     check_robot_data(model.config, robot, robot_path, cfg)
+    check_text(model.tokenizer, robot, robot_path)
+    check_text(model.tokenizer, mm, cfg.mm_data or "the demo's mm.json")
     data.add_action_chunks(robot, model.config.chunk)
     reasoning = cfg.stage != "specialist"  # Eq. 2: the specialist's targets hold no reasoning
     micro_size, rem = divmod(cfg.batch_size, ctx["world"] * cfg.grad_accum)
@@ -882,32 +1006,35 @@ def train(cfg, ctx, inputs):
     latest = start_stage_dir(stage_dir, cfg, ctx, dict(inputs=inputs, world_size=ctx["world"],
                                                           model=asdict(model.config)))
 
-    # frozen or not as at the checkpoint: the optimizer state loads only into trainable parameters
-    frozen = cfg.freeze_vlm_steps > (progress(latest)["step"] if latest else 0)
+    ckpt = read_checkpoint(latest, cfg, ctx) if latest else None
+    # frozen while loading a checkpoint written by a frozen step (the last frozen step is step freeze_vlm_steps
+    # itself): its optimizer holds no state for the VLM, and state loads only into trainable parameters; the
+    # loop unfreezes at its first step past the freeze
+    frozen = cfg.freeze_vlm_steps > 0 and cfg.freeze_vlm_steps >= (ckpt["progress"]["step"] if ckpt else 0)
     set_vlm_trainable(model, not frozen, cfg)
     wrapped = wrap(model, cfg, ctx)  # before the optimizer: fully_shard replaces the parameters
     opt = make_optimizer(model, cfg)
-    start, rng = restore_checkpoint(latest, wrapped, opt, cfg, ctx) if latest else (0, None)
+    start = restore_checkpoint(ckpt, wrapped, opt, cfg, ctx) if ckpt else 0
     metrics_path = os.path.join(stage_dir, "metrics.jsonl")
     if rank0:
         if start:
             print(f"{cfg.stage}: resuming from {latest}")
         if start and os.path.isfile(metrics_path):  # drop what a killed run logged after its last checkpoint
             with open(metrics_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= start]
+                lines = [line for line in f if logged_step(line) <= start]
             data.atomic_write(metrics_path, "".join(lines))
         print(f"{cfg.stage}: {len(robot)} robot frames from {robot_path} ({', '.join(model.config.cameras)}; "
               f"{model.config.action_dim}-D actions), {len(mm)} multimodal samples; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {cfg.steps} steps of "
               f"{cfg.batch_size} on {ctx['world']} process(es)"
-              + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen else ""))
+              + (f"; VLM frozen for {cfg.freeze_vlm_steps} steps" if frozen and start < cfg.freeze_vlm_steps else ""))
     stream = data.mixed_batches(robot, mm, micro_size, mm_ratio, cfg.seed, ctx["rank"], ctx["world"],
                                 start=start * cfg.grad_accum)
     fixed = next(data.mixed_batches(robot, mm, min(cfg.batch_size, 16), mm_ratio, cfg.seed + 1))
     fixed_before = fixed_batch_loss(wrapped, teachers, fixed, cfg, ctx, reasoning)
     torch.manual_seed(cfg.seed + ctx["rank"])  # per-rank randomness (distill.py's flow noise, dropout)
-    if rng is not None:
-        set_rng_states(rng)  # last, so nothing above consumes the restored streams
+    if ckpt:
+        set_rng_states(ckpt["rng"])  # last, so nothing above consumes the restored streams
 
     def next_step():  # with --prefetch only the worker reads the stream: the data order stays the same
         micro = [next(stream) for _ in range(cfg.grad_accum)]
@@ -960,10 +1087,13 @@ def train(cfg, ctx, inputs):
 # ----------------------------------------------------------------------------- stages
 
 def run_prune(cfg, ctx):
-    """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json)."""
+    """Sec. 3.2.1 on the generalist's robot data -> OUT/pruned (episode folder + prune_stats.json, which also
+    records the source, so a prune of other data never counts as done)."""
     out, t0, source = os.path.join(cfg.out, "pruned"), time.time(), robot_source(cfg, ctx)
     if ctx["rank"] == 0:
         _, stats = prune.prune(robot_episodes(source, camera_list(cfg)), cfg.prune, out=out)  # frames opened per episode
+        data.atomic_write(os.path.join(out, "prune_stats.json"),
+                          json.dumps(dict(stats, source=os.path.realpath(source)), indent=2))
         print(f"prune ({cfg.prune}): reasoning kept on {stats['keyframes']} of {stats['frames']} frames, "
               f"{stats['reasoning_tokens_after']} of {stats['reasoning_tokens_before']} words -> {out}")
     barrier(ctx)
@@ -971,19 +1101,24 @@ def run_prune(cfg, ctx):
 
 
 # Flags that change no stage's result: a finished run with other values of these still counts as done.
-RUN_ONLY = ("resume", "ablations", "eval_episodes", "eval_questions", "log_every", "prefetch")
+RUN_ONLY = ("resume", "overwrite", "ablations", "eval_episodes", "eval_questions", "log_every", "prefetch")
+# Flags a resumed run must share with the checkpoint's: they decide the data order and what is learned from.
+RESUME_FIXED = ("data", "mm_data", "mm_images", "pruned_data", "demo_episodes", "demo_qa", "demo_task", "demo_hold",
+                "demo_noise", "cameras", "backbone", "init", "action_teacher", "reasoning_teacher", "batch_size",
+                "grad_accum", "mm_ratio", "seed")
 
 
 def finished(cfg):
-    """--resume: this stage's summary if its run already finished with the same flags, else None. So a killed
-    `--stage all` goes on where it stopped, and `--stage all --ablations --resume` after a plain `--stage all`
-    trains only the ablations."""
-    if not cfg.resume:
+    """This stage's summary if a run of it already finished in OUT with the same flags, else None (also with
+    --overwrite). So a rerun or a killed `--stage all` goes on where it stopped, and `--stage all --ablations`
+    after a plain `--stage all` trains only the ablations."""
+    if cfg.overwrite:
         return None
     if cfg.stage == "prune":
         out = os.path.join(cfg.out, "pruned")
         stats = os.path.join(out, "prune_stats.json")
-        done = os.path.isfile(stats) and load_json(stats).get("mode") == cfg.prune
+        done = os.path.isfile(stats) and load_json(stats).get("mode") == cfg.prune and \
+            load_json(stats).get("source") == os.path.realpath(robot_path(cfg))
         return dict(stage="prune", model=out, wall_s=0.0) if done else None
     stage_dir = os.path.join(cfg.out, cfg.stage)
     paths = [os.path.join(stage_dir, f) for f in ("summary.json", "config.json")]
@@ -995,6 +1130,38 @@ def finished(cfg):
     return summary if same and summary.get("steps") == cfg.steps else None
 
 
+def check_run_folder(cfg):
+    """Nothing in OUT is replaced unasked: a stage folder holding another run needs --resume (continue it from
+    its newest checkpoint) or --overwrite; --resume refuses flags that would change its data or batches."""
+    if cfg.stage == "prune":
+        out = os.path.join(cfg.out, "pruned")
+        if cfg.data and os.path.realpath(cfg.data) == os.path.realpath(out):
+            raise UserError(f"--data {cfg.data} is --stage prune's output folder: pruning would overwrite its input; "
+                            f"pick another --out")
+        if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+            raise UserError(f"{out} holds a prune of other data or another --prune mode; --overwrite replaces it, "
+                            f"or pick another --out")
+        return
+    stage_dir = os.path.join(cfg.out, cfg.stage)
+    held = [n for n in ("metrics.jsonl", "summary.json", "model") if os.path.exists(os.path.join(stage_dir, n))]
+    ckpts = checkpoints(stage_dir)
+    if cfg.overwrite or not (held or ckpts):
+        return
+    if not cfg.resume:
+        raise UserError(f"{stage_dir} holds a {cfg.stage} run with other flags or unfinished; --resume continues it, "
+                        f"--overwrite replaces it, or pick another --out")
+    if not ckpts and "model" in held:
+        raise UserError(f"{stage_dir} holds a trained model but no checkpoint to resume from; --overwrite replaces it")
+    config = os.path.join(stage_dir, "config.json")
+    old = load_json(config) if ckpts and os.path.isfile(config) else {}
+    flags = json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in RESUME_FIXED if k in old and old[k] != flags[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r}, the run in {stage_dir} used {old[k]!r}; "
+                        f"resume with the same value, or --overwrite to start again")
+
+
 def run_stage(stage, explicit, ctx):
     """Run `stage`, building its missing default inputs first (or reusing them from OUT)."""
     cfg = stage_config(stage, explicit)
@@ -1002,12 +1169,16 @@ def run_stage(stage, explicit, ctx):
     previous = finished(cfg)
     if previous:
         if ctx["rank"] == 0:
-            print(f"{stage}: already done in {previous['model']} with these flags (--resume)")
+            print(f"{stage}: already done in {previous['model']} with these flags (--overwrite trains it again)")
         return [previous]
+    check_run_folder(cfg)
     inputs, done = stage_inputs(cfg), []
     for name, (path, maker) in inputs.items():
-        exists = os.path.isfile(os.path.join(path, "model.safetensors")) or \
-            os.path.isfile(os.path.join(path, "episodes.jsonl"))
+        if maker == "prune":  # pruned data of another --prune mode or other data must not stand in
+            flags = {k: v for k, v in explicit.items() if k not in STAGE_INPUTS}
+            exists = finished(stage_config("prune", dict(flags, overwrite=False)))
+        else:
+            exists = os.path.isfile(os.path.join(path, "model.safetensors"))
         if maker and not exists:
             if ctx["rank"] == 0:
                 print(f"{stage}: {name} {path} is missing; running --stage {maker} first")
@@ -1134,12 +1305,21 @@ def main(argv=None):
             summaries = run_stage(cfg.stage, explicit, ctx)
         if ctx["rank"] == 0:
             report(summaries, cfg, time.time() - t0)
-    except (UserError, DataError, FloatingPointError) as e:  # raised alike on every rank
+    except (UserError, DataError, FloatingPointError, OSError) as e:  # raised alike on every rank
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
         shutdown()
         sys.exit(2)
     shutdown()
+
+
+def one_line(e):
+    """The error message on one line; an OSError names its file, and a full disk says so."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full{f' writing {e.filename}' if e.filename else ''}: free space and rerun with --resume"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split())
 
 
 def shutdown():
