@@ -573,25 +573,40 @@ def test_qa_answers_on_a_hand_built_scene():
     block.update(pos=np.array([0.7, 0.5]), label="4")
     plate.update(pos=np.array([0.45, 0.85]))
     scene.update(objects=[can, block, plate])
-    scene["arms"][0]["pos"] = np.array([0.65, 0.45, 0.1])
-    asked = {}
-    for kind in tabletop.QA_KINDS:
-        for _ in range(30):
-            qa = tabletop.ask(rng, scene, kind)
-            if qa:
-                asked[qa[0]] = qa[1]
-                assert qa[1] not in qa[2]
-    assert asked["Which object is closest to the gripper?"] == "green block"
-    assert asked["How many objects are on the table?"] == "3" and asked["How many cans are on the table?"] == "1"
-    assert asked["What is written on the red can?"] == "K" and asked["What is written on the green block?"] == "4"
-    assert asked["What colour is the can?"] == "red" and asked["What colour is the block with '4' written on it?"] == "green"
-    assert asked.get("Is the red can to the left or to the right of the green block?", "left") == "left"
-    assert asked.get("Is the plate above or below the red can in the image?", "below") == "below"
+    scene["arms"][0].update(pos=np.array([0.65, 0.45, 0.1]), grip=1.0)
+    ask = lambda kind, form, answer: tabletop.ask(rng, scene, kind, form, answer)
+    assert ask("count", "object", "3") == "How many objects are on the table?" and ask("count", "can", "1")
+    assert ask("count", "object", "4") is None and ask("count", "block", "0") is None
+    assert ask("colour", "can", "red") in ("What colour is the can?", "What colour is the can with 'K' written on it?")
+    assert ask("colour", "block", "red") is None
+    assert ask("position", "", "left") == ("Where is the red can relative to the green block in the image: "
+                                           "left, right, above or below?")
+    assert "relative to the plate" in ask("position", "", "above")
+    assert ask("closest", "", "plate") == "Which object is closest to the gripper?"
+    assert np.linalg.norm(scene["arms"][0]["pos"][:2] - plate["pos"]) < 0.06   # the gripper moved next to it
+    assert ask("closest", "", "carrot") is None
+    assert ask("ocr", "block", "7") == "What is written on the green block?" and block["label"] == "7"
+    yn = lambda form, yes: tabletop.ask_yes_no(rng, scene, form, yes)
+    assert yn("gripper", True) == "Is the gripper open?" and yn("gripper", False) == "Is the gripper closed?"
+    assert yn("position", True) == "Is the red can to the left of the green block?"
+    assert yn("ocr", True) in ("Is the text 'K' written on the red can?", "Is the text '7' written on the green block?")
     recs = qa_samples(0, 12)
     assert len(recs) == 12 and all(r["domain"] == "mm" and r["action"] is None and r["image"].size == (64, 64)
                                    for r in recs)
-    assert recs[5]["reasoning"] in ("yes", "no") and recs[4]["instruction"].startswith("What is written on")
+    assert recs[1]["instruction"].startswith("Question: ") and recs[1]["reasoning"] in "ABCD"
+    assert recs[2]["instruction"].endswith("Please answer yes or no.") and recs[2]["reasoning"] in ("Yes", "No")
+    assert recs[0]["instruction"].endswith("Answer the question using a single word or phrase.")
     assert [r["instruction"] for r in qa_samples(0, 12)] == [r["instruction"] for r in recs]
+
+
+def test_benchmarks_need_the_image():
+    """Per question, every answer equally likely: the question text alone scores uniform chance."""
+    base = tabletop.bench_baselines(n=500, seed=0)
+    assert set(base) == {"TabletopMCQ", "TabletopYN", "TabletopVQA"}
+    assert base["TabletopMCQ"]["chance"] == 0.25 and base["TabletopYN"]["chance"] == 0.5
+    assert 0.1 < base["TabletopVQA"]["chance"] < 0.3
+    for name, b in base.items():
+        assert abs(b["text_only"] - b["chance"]) < 0.05, (name, b)
 
 
 def test_benchmark_tsvs_parse_and_images_decode(tmp_path):
