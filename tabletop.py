@@ -72,7 +72,7 @@ SIZES = {"can": 0.06, "block": 0.055, "carrot": 0.065, "eggplant": 0.06, "plate"
 POOL = [("can", c) for c in PAINTS] + [("block", c) for c in PAINTS] + [("carrot", "orange"),
                                                                          ("eggplant", "purple")]
 LETTERS, DIGITS = "ABCDEFGHJKLMNPRSTUVXYZ", "23456789"   # text printed on cans / blocks (OCR)
-QA_STREAM, BENCH_STREAM = 1, 2   # separate random streams: benchmark scenes are held out
+QA_STREAM, BENCH_STREAM, CAPTION_STREAM = 1, 2, 3   # separate random streams: benchmark scenes are held out
 
 
 # ----------------------------------------------------------------------------- the world
@@ -729,7 +729,45 @@ def qa_samples(seed, n, image_size=64):
         answer = ast.literal_eval(row["answer"])[0] if fmt == "vqa" else row["answer"]
         img = Image.fromarray(render(scene, image_size)["overhead_camera"])
         out.append(dict(image=img, instruction=mm_prompt(dict(row, options=options), fmt), state=None, action=None,
-                        reasoning=answer, domain="mm"))
+                        reasoning=answer, domain="mm", scene=layout(scene)))
+    return out
+
+
+def layout(scene):
+    """What is where: [(x, y, colour, kind)] of the objects, topmost last, then (x, y, "gripper") — the dense
+    targets of the tiny backbone's pretraining (train.pretrain_tiny)."""
+    objs = sorted(scene["objects"], key=lambda o: (o["z"], o["graspable"]))
+    return [(*o["pos"], o["color"], o["kind"]) for o in objs] + [(*scene["arms"][0]["pos"][:2], "", "gripper")]
+
+
+def _where(xy):
+    """Coarse position words on a 3 x 3 grid of the image: "at the top left", "in the centre"."""
+    row = ("top", "middle", "bottom")[min(int(xy[1] * 3), 2)]
+    col = ("left", "centre", "right")[min(int(xy[0] * 3), 2)]
+    return "in the centre" if (row, col) == ("middle", "centre") else f"at the {row} {col}"
+
+
+CAPTION_PROMPT = "Describe the table: every object, where it is, and the gripper."
+
+
+def caption(scene):
+    """A dense caption, objects in reading order: "a plate at the middle left, a red can at the top right with
+    'K' on it, ..., the gripper is open in the centre". It names what the image shows and no question can be
+    answered without it: pretraining on captions is what taught the tiny model to look (FACTS.md)."""
+    objs = sorted(scene["objects"], key=lambda o: (min(int(o["pos"][1] * 3), 2), o["pos"][0]))
+    parts = [f"{_a(o['name'])} {_where(o['pos'])}" + (f" with '{o['label']}' on it" if o["label"] else "")
+             for o in objs]
+    arm = scene["arms"][0]
+    return ", ".join(parts + [f"the gripper is {'open' if arm['grip'] > 0.5 else 'closed'} {_where(arm['pos'])}"])
+
+
+def caption_samples(seed, n, image_size=64):
+    """n LLaVA-style mm records (image, CAPTION_PROMPT, caption) of fresh QA scenes."""
+    rng, out = np.random.default_rng([CAPTION_STREAM, seed]), []
+    for _ in range(n):
+        scene = qa_scene(rng)
+        out.append(dict(image=Image.fromarray(render(scene, image_size)["overhead_camera"]), instruction=CAPTION_PROMPT,
+                        state=None, action=None, reasoning=caption(scene), domain="mm", scene=layout(scene)))
     return out
 
 

@@ -217,6 +217,42 @@ def test_predict_action_finite(tiny_path, head):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_tiny_vision_cuts_7px_patches_into_16_image_tokens(tiny_path):
+    """56 px at patch 7 × merge 2: an 8 × 8 patch grid merged into 4 × 4 image tokens, each 14 px (an object)."""
+    m = tiny_model(tiny_path)
+    assert m.image_tokens == 16
+    batch = m.make_batch(qa_samples(0, 2))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    assert ((batch["input_ids"] == m.ids["<|image_pad|>"]).sum(1) == 16).all()
+    assert torch.isfinite(m(batch)["loss"])
+    with pytest.raises(UserError, match="multiple of 14"):
+        DualVLA(VLAConfig(backbone=tiny_path, image_size=64))
+
+
+def test_pretrained_backbone_is_built_once_per_settings(tmp_path, monkeypatch):
+    built, real = [], train.pretrain_tiny
+    monkeypatch.setattr(train, "pretrain_tiny", lambda path, s: built.append(path) or real(path, s))
+    ctx = dict(rank=0, world=1)
+    cfg = train.stage_config("specialist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
+                                                out=str(tmp_path / "run")))
+    path = train.backbone_path(cfg, ctx)
+    assert built == [path] and os.path.dirname(path) == str(tmp_path / "bb")
+    stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    report = json.load(open(os.path.join(path, "pretrain.json")))
+    assert {"seconds", "loss_first", "loss_last", "heldout_loss", "heldout_loss_shuffled", "image_gap"} <= set(report)
+    other_seed = train.stage_config("generalist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
+                                                       out=str(tmp_path / "run2"), seed=3))
+    assert train.backbone_path(other_seed, ctx) == path and built == [path]     # every stage and seed reuses it
+    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
+    model = DualVLA(VLAConfig(backbone=path, image_size=56))                    # a normal backbone folder
+    assert model.image_tokens == 16 and model.backbone.config.vision_config.patch_size == 7
+    cfg.backbone_steps = 3                                                      # a setting changed: rebuilt beside it
+    new = train.backbone_path(cfg, ctx)
+    assert new != path and built == [path, new] and os.path.isdir(path)
+    cfg.backbone_steps = 0                                                      # 0: the random tiny one under OUT
+    assert train.backbone_path(cfg, ctx) == os.path.join(cfg.out, "tiny") and len(built) == 2
+
+
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
     bb, tok, ip = load_backbone(tiny_path)
     bb.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # as Qwen2.5-VL-3B is stored
@@ -2665,7 +2701,8 @@ def test_hf_judge_with_tiny_model(tmp_path):
 
 # ============================================================================= train.py
 
-FAST = dict(steps=6, batch_size=8, warmup_steps=0, log_every=1, ckpt_every=3, threads=1, demo_episodes=2, demo_qa=24)
+FAST = dict(steps=6, batch_size=8, warmup_steps=0, log_every=1, ckpt_every=3, threads=1, demo_episodes=2, demo_qa=24,
+            backbone_steps=0)
 
 
 def flags(**kw):
