@@ -3177,7 +3177,7 @@ def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
         for key in ("step_s", "samples_per_s", "tokens_per_s", "tokens_per_sample", "padded_tokens_per_sample",
                     "model_tflop_per_step"):
             assert isinstance(fig[key], float) and fig[key] > 0, (step, key, fig[key])
-        assert fig["image_tokens_per_sample"] == 64  # 224 px: 16 x 16 patches merged 2 x 2
+        assert fig["image_tokens_per_sample"] == 256  # 224 px at the tiny model's 7 px patches: 32 x 32 merged 2 x 2
         assert fig["padded_tokens_per_sample"] >= fig["tokens_per_sample"] > 64
         if res["device"] == "cpu":  # no allocator peak counter and no tensor-core peak on a CPU
             assert fig["mfu"] is None and fig["peak_memory_gib"] is None and fig["peak_reserved_gib"] is None

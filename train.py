@@ -14,7 +14,8 @@
     all         the four in order, then evaluate.py on the tabletop demo
 
 Everything lands in OUT (default runs/<preset>): data/ (demo data), tiny/ (the demo's random tiny
-backbone), <stage>/{model, config.json, metrics.jsonl, summary.json, checkpoints/step_N, eval/}, pruned/.
+backbone, with --backbone-steps 0), <stage>/{model, config.json, metrics.jsonl, summary.json, checkpoints/step_N,
+eval/}, pruned/. The demo's pretrained tiny backbone is shared: runs/backbones/<hash of its settings>/.
 A stage whose default input is missing builds it first; one already under OUT is reused. Flags apply
 to every stage this command runs (use one command per stage for per-stage settings).
 
@@ -128,7 +129,8 @@ PRESETS = {
     "demo": {
         # One thread: the tiny model's ops gain little from a second one, and OpenMP threads spin-wait
         # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
-        "common": dict(threads=1, flow_target="action"),
+        # The tiny backbone pretrained for 800 steps (~2 CPU minutes, once per settings: docs/miniature.md).
+        "common": dict(threads=1, flow_target="action", backbone_steps=800),
         # The random VLM frozen throughout: unfreezing it lets the lone <|act|> target wash the instruction out
         # of the query states. The grounding term and x1-prediction made the head learn fastest (README).
         "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
@@ -142,7 +144,7 @@ PRESETS = {
     # generalist's settings, so DualVLA differs from it only by pruning and the teachers.
     "mini": {
         "common": dict(threads=1, flow_target="action", demo_episodes=1000, demo_hold=6, demo_noise=0.02,
-                       eval_episodes=8),
+                       eval_episodes=8, backbone_steps=3000),
         "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", ground_weight=1.0),
         "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
         "distill": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
@@ -349,8 +351,8 @@ def tiny_settings(cfg):
     """Everything the pretrained tiny backbone depends on: its folder is named by their hash. One fixed seed:
     every run and seed with these settings starts from the same backbone, as every paper run starts from Qwen."""
     return dict(tiny=dict(patch=7, vision_hidden=32, vision_depth=2, hidden=64, layers=2), seed=0,
-                steps=cfg.backbone_steps, batch_size=16, lr=1e-3, cell_weight=1.0, image_size=cfg.image_size, render_size=64,
-                pool=min(3000, 16 * cfg.backbone_steps))   # distinct samples: half captions, half QA
+                steps=cfg.backbone_steps, batch_size=16, lr=3e-3, cell_weight=1.0, image_size=cfg.image_size,
+                render_size=64, pool=min(3000, 16 * cfg.backbone_steps))   # distinct samples: half captions, half QA
 
 
 def pretrain_tiny(path, s):
