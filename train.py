@@ -85,7 +85,7 @@ class TrainConfig:
     action_teacher: str = ""        # distill: π^a; "" = OUT/specialist/model
     reasoning_teacher: str = ""     # distill: π^r; "" = OUT/generalist/model
     action_head: str = "flow"       # flow | tokens; every checkpoint loaded must have this head
-    image_size: int = 56            # VLM image side, a multiple of 28 (56 px = 4 image tokens); new models only
+    image_size: int = 56            # VLM image side, a multiple of patch × merge (tiny: 56 px = 16 tokens); new models only
     head_image_size: int = 64       # the action expert's own image side; new models only
     chunk: int = 0                  # actions per prediction; 0 = 16 (flow) or 1 (tokens); new models only
     n_queries: int = 8              # learnable action queries (InstructVLA uses 64); new models only
