@@ -79,7 +79,7 @@ class TrainConfig:
     cameras: str = ""               # comma-separated, frame order: demo cameras, LeRobot keys or names; "" = data's
     # model
     backbone: str = ""              # specialist's VLM (hub name or folder); "" = the demo's tiny one or Qwen (paper)
-    backbone_steps: int = 0         # demo: pretraining steps of the tiny backbone on tabletop captions and QA; 0 = random
+    backbone_steps: int = 0         # tiny backbone's pretraining steps on tabletop captions and QA; 0 = random
     backbone_cache: str = "runs/backbones"  # pretrained tiny backbones, one folder per settings (tiny_settings)
     init: str = ""                  # DualVLA checkpoint to start from; "" = the previous stage's model
     action_teacher: str = ""        # distill: π^a; "" = OUT/specialist/model
@@ -392,7 +392,8 @@ def pretrain_tiny(path, s):
     shutil.rmtree(tmp, ignore_errors=True)
     for part in (backbone, tok, image_processor):
         part.save_pretrained(tmp)
-    report = dict(seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1), loss_first=float(np.mean(losses[:20])),
+    report = dict(seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1),
+                  loss_first=float(np.mean(losses[:20])),
                   loss_last=float(np.mean(losses[-20:])), heldout_loss=true_loss, heldout_loss_shuffled=shuffled_loss,
                   image_gap=shuffled_loss - true_loss)
     for name, obj in (("settings.json", s), ("pretrain.json", report)):
