@@ -652,8 +652,10 @@ def ask_yes_no(rng, scene, form, yes):
         return f"Is there {_a(name)} on the table?" if (name in [o["name"] for o in objs]) == yes else None
     if form == "position":
         pairs = _pairs(objs, "left" if yes else "right")
-        a, b = pairs[int(rng.integers(len(pairs)))] if pairs else (None, None)
-        return a and f"Is the {a['name']} to the left of the {b['name']}?"
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        return f"Is the {a['name']} to the left of the {b['name']}?"
     if form == "gripper":
         return f"Is the gripper {'open' if (arm['grip'] > 0.5) == yes else 'closed'}?"
     labelled = [o for o in objs if o["label"]]
@@ -790,7 +792,8 @@ def bench_baselines(n=1000, seed=0, image_size=64):
         kind, metric, _ = BENCHMARKS[name]
         counts = {}
         for _, row, _ in bench_rows(name, n, seed + 7919):
-            truth = row[row["answer"]] if kind == "mcq" else _answers(row)[0]
+            truth = row[row["answer"]] if kind == "mcq" else row["answer"] if kind == "yn" else \
+                ast.literal_eval(row["answer"])[0]
             for key in (row["question"], _template(row["question"]), ""):
                 counts.setdefault(key, {}).setdefault(truth, 0)
                 counts[key][truth] += 1
@@ -808,10 +811,6 @@ def bench_baselines(n=1000, seed=0, image_size=64):
             chance.append(p)
         out[name] = dict(chance=float(np.mean(chance)), text_only=float(np.mean(hits)))
     return out
-
-
-def _answers(row):
-    return ast.literal_eval(row["answer"]) if row["answer"].startswith("[") else [row["answer"]]
 
 
 def _b64png(scene, image_size):
