@@ -60,7 +60,7 @@ class VLAConfig:
     action_expert: str = "cnn"      # flow head: "cnn" (small conv + MLP, CPU-sized) | "dit" (InstructVLA's transformer)
     head_vision: str = ""           # "dit": DINOv2 checkpoint (hub name or folder) of the expert's image encoder
     head_layers: int = 2            # "dit": transformer layers (InstructVLA: 12, width 768)
-    image_size: int = 224           # robot frames' VLM input side, a multiple of 28 (patch 14 × merge 2)
+    image_size: int = 224           # robot frames' VLM input side, a multiple of patch × merge (28 for Qwen2.5-VL)
     min_pixels: int = 0             # multimodal images keep their size within [min_pixels, max_pixels] on the
     max_pixels: int = 0             #   backbone's grid (Qwen2-VL's native resolution); 0 = the backbone's own bound
     head_image_size: int = 64       # the action expert's own image path
@@ -82,8 +82,6 @@ class VLAConfig:
             raise UserError("action_expert 'dit' needs head_vision: a DINOv2 checkpoint (model.build_tiny_vision)")
         if self.chunk == 0:
             self.chunk = 16 if self.action_head == "flow" else 1
-        if self.image_size % 28:
-            raise UserError(f"image_size must be a multiple of 28 (patch 14 × merge 2), got {self.image_size}")
         self.cameras = tuple(self.cameras)
 
 
@@ -756,14 +754,18 @@ TINY_CORPUS = [
     "above below Answer the question using a single word or phrase. Please answer yes or no. Yes No",
     "Options: Hint: Question: Please select the correct answer from the options above. A. B. C. D.",
     "0 1 2 3 4 5 6 7 8 9 10 20 30 40 50 60 [ ] , . ? : the a an is of to and",
+    "Describe the table: every object, where it is, and the gripper. a plate in the centre, a red can at the top left "
+    "with 'K' on it, the middle right, the bottom centre, the gripper is open, the gripper is closed, eggplant",
+    "Where is the relative to the in the image: left, right, above or below? How many cans blocks objects are on the "
+    "table? Is there an on the table? What is written on the Is the text written on the Is the gripper open?",
 ]
 
 
 def build_tiny(path, hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2,
-               vocab=1024, seed=0):
+               vocab=1024, seed=0, patch=7):
     """A random tiny Qwen2.5-VL with an offline-trained byte-level BPE tokenizer, saved as an HF folder."""
     model, tok, image_processor = tiny_backbone(hidden, layers, heads, kv_heads, vision_hidden, vision_depth,
-                                                vocab, seed)
+                                                vocab, seed, patch=patch)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -772,10 +774,14 @@ def build_tiny(path, hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32,
 
 
 def tiny_backbone(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_depth=2, vocab=1024, seed=0,
-                  text=None, vision=None, device=None):
+                  text=None, vision=None, device=None, patch=7):
     """(model, tokenizer, image processor) of build_tiny, in memory. `text`/`vision` override fields of the
     model's text/vision config (bench.py builds Qwen2.5-VL-3B's size this way); `device`: where the random
-    weights are made (a 3B model is initialised far faster on the GPU than on the CPU)."""
+    weights are made (a 3B model is initialised far faster on the GPU than on the CPU).
+
+    `patch`: the ViT's patch side. The demo's objects are ~7 px across in a 56 px image: Qwen2.5-VL's 14 px
+    patches (4 image tokens, each a quarter of the table) never let the tiny model tell them apart
+    (FACTS.md, "Can the tiny backbone learn to see?"); 7 px patches give 16 tokens of 14 px each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                               Qwen2VLImageProcessorPil)
@@ -803,7 +809,7 @@ def tiny_backbone(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vi
                               rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section)),
                          **(text or {})),
         vision_config=dict(dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                                num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                                num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                                 temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
                            **(vision or {})),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids["<|video_pad|>"],
@@ -812,7 +818,11 @@ def tiny_backbone(hidden=64, layers=2, heads=4, kv_heads=2, vision_hidden=32, vi
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = AutoModelForImageTextToText.from_config(cfg)
-    return model, tok, Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=448 * 448)
+    vc = cfg.vision_config   # the processor cuts the patches the ViT expects
+    unit = vc.patch_size * vc.spatial_merge_size
+    return model, tok, Qwen2VLImageProcessorPil(min_pixels=unit * unit, max_pixels=448 * 448,
+                                                patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                                                temporal_patch_size=vc.temporal_patch_size)
 
 
 def build_tiny_vision(path, hidden=32, layers=2, heads=2, seed=0):

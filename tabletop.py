@@ -13,12 +13,14 @@ boundaries — what the kinematic pruning layer (Sec. 3.2.1) detects.
 Env seeds below TRAIN_SEED_OFFSET are held out for evaluation; demo episodes use seeds above it.
 """
 import argparse
+import ast
 import base64
 import csv
 import functools
 import io
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -70,7 +72,7 @@ SIZES = {"can": 0.06, "block": 0.055, "carrot": 0.065, "eggplant": 0.06, "plate"
 POOL = [("can", c) for c in PAINTS] + [("block", c) for c in PAINTS] + [("carrot", "orange"),
                                                                          ("eggplant", "purple")]
 LETTERS, DIGITS = "ABCDEFGHJKLMNPRSTUVXYZ", "23456789"   # text printed on cans / blocks (OCR)
-QA_STREAM, BENCH_STREAM = 1, 2   # separate random streams: benchmark scenes are held out
+QA_STREAM, BENCH_STREAM, CAPTION_STREAM = 1, 2, 3   # separate random streams: benchmark scenes are held out
 
 
 # ----------------------------------------------------------------------------- the world
@@ -559,99 +561,255 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
 QA_KINDS = ("colour", "count", "position", "closest", "ocr")
 L2 = {"colour": "coarse_perception", "count": "coarse_perception", "ocr": "fine-grained_perception",
       "position": "relation_reasoning", "closest": "relation_reasoning"}
+NAMES = [_name(*kc) for kc in POOL] + ["plate", "towel"]   # every object a question may name
+DIRECTIONS = ("left", "right", "above", "below")
+# Each kind's question forms and their answer sets. The answer is drawn uniformly from its form's set
+# BEFORE the scene, so the question text alone scores chance (FACTS.md measured 48.5 / 59 / 32 % from the
+# text of unbalanced questions: "how many objects" was usually 5, "is there a plate" usually yes).
+QA_FORMS = {"colour": {"can": PAINTS, "block": PAINTS}, "count": {"can": "0123", "block": "0123", "object": "23456"},
+            "position": {"": DIRECTIONS}, "closest": {"": tuple(NAMES)}, "ocr": {"can": LETTERS, "block": DIGITS}}
+YN_FORMS = ("presence", "position", "gripper", "ocr")
+BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")
 
 
 def qa_scene(rng):
-    """A scene of a random task with the gripper somewhere above the table."""
+    """A scene to ask about: a task scene's table, light and receptacles (some of them) with 1-5 of POOL's
+    objects, so that every count of QA_FORMS is common; the gripper somewhere above the table."""
     scene = sample_scene(rng, TASKS[int(rng.integers(len(TASKS)))])
+    recs = [o for o in scene["objects"] if not o["graspable"]]
+    while True:
+        objects = [recs[k] for k in rng.permutation(len(recs))[:int(rng.integers(len(recs) + 1))]]
+        objects += [_object(rng, *POOL[i]) for i in rng.choice(len(POOL), int(rng.integers(1, 6)), replace=False)]
+        for o in objects:
+            o["pos"] = None
+        if _place_all(rng, objects):
+            break
+    scene.update(objects=objects, jobs=[], start=[o["pos"].copy() for o in objects], instruction="")
     scene["arms"][0].update(pos=np.r_[rng.uniform(0.1, 0.9, 2), rng.uniform(Z_LOW, Z_HIGH)],
                             grip=float(rng.integers(2)))
     return scene
 
 
-def ask(rng, scene, kind):
-    """One open question about the scene: (question, answer, wrong answers) or None if it does not apply."""
+def _a(name):
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _pairs(objs, rel):
+    """Ordered pairs (a, b) of distinct objects where a is `rel` of b: that direction dominates, by 0.12 or more."""
+    out = []
+    for a in objs:
+        for b in objs:
+            dx, dy = a["pos"] - b["pos"]
+            if a is not b and max(abs(dx), abs(dy)) >= 0.12:
+                out += [(a, b)] * (rel == (("left" if dx < 0 else "right") if abs(dx) >= abs(dy) else
+                                            ("above" if dy < 0 else "below")))
+    return out
+
+
+def ask(rng, scene, kind, form, answer):
+    """A question of `kind` and `form` (QA_FORMS) whose answer about `scene` is `answer`, or None if this scene
+    cannot have one. "closest" moves the gripper next to the answer and "ocr" prints the answer on an object
+    (both drawn uniformly anyway), so those apply to any scene holding the object."""
     objs = scene["objects"]
     if kind == "colour":
-        kinds = [o["kind"] for o in objs]   # plates, carrots and eggplants always look the same
-        forms = [(o, f"What colour is the {o['kind']}?") for o in objs
-                 if kinds.count(o["kind"]) == 1 and o["kind"] in ("can", "block", "towel")]
-        tags = [(o["kind"], o["label"]) for o in objs]
-        forms += [(o, f"What colour is the {o['kind']} with '{o['label']}' written on it?") for o in objs
-                  if o["label"] and tags.count((o["kind"], o["label"])) == 1]
-        if not forms:
-            return None
-        o, q = forms[int(rng.integers(len(forms)))]
-        return q, o["color"], [c for c in COLORS if c != o["color"]]
+        kinds, tags = [o["kind"] for o in objs], [(o["kind"], o["label"]) for o in objs]
+        forms = [f"What colour is the {form}?" for o in objs
+                 if o["kind"] == form and o["color"] == answer and kinds.count(form) == 1]
+        forms += [f"What colour is the {form} with '{o['label']}' written on it?" for o in objs
+                  if o["kind"] == form and o["color"] == answer and tags.count((form, o["label"])) == 1]
+        return str(rng.choice(forms)) if forms else None
     if kind == "count":
-        what = str(rng.choice(["can", "block", "object"]))
-        n = sum(what in ("object", o["kind"]) for o in objs)
-        return f"How many {what}s are on the table?", str(n), [str(k) for k in range(8) if k != n]
+        n = sum(form in ("object", o["kind"]) for o in objs)
+        return f"How many {form}s are on the table?" if str(n) == answer else None
     if kind == "position":
-        a, b = (objs[k] for k in rng.choice(len(objs), 2, replace=False))
-        dx, dy = a["pos"] - b["pos"]
-        if max(abs(dx), abs(dy)) < 0.12:
+        pairs = _pairs(objs, answer)
+        if not pairs:
             return None
-        if abs(dx) >= abs(dy):
-            q, ans = f"Is the {a['name']} to the left or to the right of the {b['name']}?", "left" if dx < 0 else "right"
-        else:
-            q, ans = f"Is the {a['name']} above or below the {b['name']} in the image?", "above" if dy < 0 else "below"
-        return q, ans, [w for w in ("left", "right", "above", "below") if w != ans]
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        return f"Where is the {a['name']} relative to the {b['name']} in the image: left, right, above or below?"
     if kind == "closest":
-        d = sorted((np.linalg.norm(o["pos"] - scene["arms"][0]["pos"][:2]), o["name"]) for o in objs)
-        if d[1][0] - d[0][0] < 0.05:
+        o = [o for o in objs if o["name"] == answer]
+        if not o:
             return None
-        others = [n for _, n in d[1:]] + [_name(*kc) for kc in POOL if _name(*kc) not in [n for _, n in d]]
-        return "Which object is closest to the gripper?", d[0][1], others
-    labelled = [o for o in objs if o["label"]]
+        arm = scene["arms"][0]
+        arm["pos"][:2] = np.clip(o[0]["pos"] + rng.uniform(-0.04, 0.04, 2), 0.05, 0.95)
+        d = sorted(np.linalg.norm(p["pos"] - arm["pos"][:2]) for p in objs)
+        return "Which object is closest to the gripper?" if len(d) == 1 or d[1] - d[0] >= 0.05 else None
+    names = [o["name"] for o in objs]
+    labelled = [o for o in objs if o["kind"] == form and names.count(o["name"]) == 1]
     if not labelled:
         return None
     o = labelled[int(rng.integers(len(labelled)))]
-    return (f"What is written on the {o['name']}?", o["label"],
-            [c for c in (LETTERS if o["kind"] == "can" else DIGITS) if c != o["label"]])
+    o["label"] = answer
+    return f"What is written on the {o['name']}?"
 
 
-def ask_yes_no(rng, scene, yes):
-    """A yes/no question whose answer is `yes` (balanced benchmarks, MME-style)."""
+def ask_yes_no(rng, scene, form, yes):
+    """A yes/no question of `form` (YN_FORMS) whose answer about `scene` is `yes`, or None (MME-style)."""
     objs, arm = scene["objects"], scene["arms"][0]
-    kind = str(rng.choice(["presence", "position", "gripper", "ocr"]))
-    if kind == "presence":
-        names = [o["name"] for o in objs]
-        absent = [_name(*kc) for kc in POOL if _name(*kc) not in names]
-        name = names[int(rng.integers(len(names)))] if yes else absent[int(rng.integers(len(absent)))]
-        return f"Is there {'an' if name[0] in 'aeiou' else 'a'} {name} on the table?", "presence"
-    if kind == "position":
-        a, b = (objs[k] for k in rng.choice(len(objs), 2, replace=False))
-        if abs(a["pos"][0] - b["pos"][0]) < 0.12:
+    if form == "presence":
+        name = NAMES[int(rng.integers(len(NAMES)))]
+        return f"Is there {_a(name)} on the table?" if (name in [o["name"] for o in objs]) == yes else None
+    if form == "position":
+        pairs = _pairs(objs, "left" if yes else "right")
+        if not pairs:
             return None
-        if (a["pos"][0] < b["pos"][0]) != yes:
-            a, b = b, a
-        return f"Is the {a['name']} to the left of the {b['name']}?", "position"
-    if kind == "gripper":
-        return f"Is the gripper {'open' if (arm['grip'] > 0.5) == yes else 'closed'}?", "gripper"
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        return f"Is the {a['name']} to the left of the {b['name']}?"
+    if form == "gripper":
+        return f"Is the gripper {'open' if (arm['grip'] > 0.5) == yes else 'closed'}?"
     labelled = [o for o in objs if o["label"]]
     if not labelled:
         return None
     o = labelled[int(rng.integers(len(labelled)))]
     pool = LETTERS if o["kind"] == "can" else DIGITS
     text = o["label"] if yes else str(rng.choice([c for c in pool if c != o["label"]]))
-    return f"Is the text '{text}' written on the {o['name']}?", "ocr"
+    return f"Is the text '{text}' written on the {o['name']}?"
+
+
+def _until(rng, question):
+    """(scene, question(scene)) for the first scene drawn for which `question` gives one."""
+    for _ in range(2000):
+        scene = qa_scene(rng)
+        q = question(scene)
+        if q:
+            return scene, q
+    raise RuntimeError("no scene in 2000 draws has an answer the question needs: QA_FORMS asks for more than "
+                       "qa_scene makes")
+
+
+def _pose(rng, kind):
+    """A form of `kind` and its answer, drawn uniformly: before any scene."""
+    forms = list(QA_FORMS[kind])
+    form = forms[int(rng.integers(len(forms)))]
+    answers = QA_FORMS[kind][form]
+    return form, str(answers[int(rng.integers(len(answers)))]), answers
+
+
+def _mcq(rng, i):
+    """An MMBench-style row: options drawn uniformly from the form's answer set, their order shuffled."""
+    kind = QA_KINDS[i % len(QA_KINDS)]
+    form, answer, answers = _pose(rng, kind)
+    scene, q = _until(rng, lambda s: ask(rng, s, kind, form, answer))
+    options = [answer] + [str(x) for x in rng.choice([a for a in answers if a != answer], 3, replace=False)]
+    options = [options[k] for k in rng.permutation(4)]
+    return scene, dict(question=q, hint="", **dict(zip("ABCD", options)), answer="ABCD"[options.index(answer)],
+                       category=kind, **{"l2-category": L2[kind]}, split="dev"), 4
+
+
+def _yes_no(rng, i):
+    """An MME-style row: yes on even rows, and each form equally often with either answer."""
+    form, yes = YN_FORMS[i // 2 % len(YN_FORMS)], i % 2 == 0
+    scene, q = _until(rng, lambda s: ask_yes_no(rng, s, form, yes))
+    return scene, dict(question=q + " Please answer yes or no.", answer="Yes" if yes else "No", category=form), 2
+
+
+def _vqa(rng, i):
+    """A TextVQA-style row (10 copies of the one answer: VQA accuracy then scores an exact answer 1)."""
+    kind = QA_KINDS[i % len(QA_KINDS)]
+    form, answer, answers = _pose(rng, kind)
+    scene, q = _until(rng, lambda s: ask(rng, s, kind, form, answer))
+    return scene, dict(question=q, answer=str([answer] * 10), category=kind), len(answers)
+
+
+def bench_rows(name, n, seed=0):
+    """[(scene, row without its image, uniform chance of the row)] of benchmark `name` (BENCH), in order."""
+    k = BENCH.index(name)
+    rng = np.random.default_rng([BENCH_STREAM, seed, k])
+    return [(s, row, 1 / m) for s, row, m in (((_mcq, _yes_no, _vqa)[k])(rng, i) for i in range(n))]
 
 
 def qa_samples(seed, n, image_size=64):
-    """n LLaVA-style mm records (image, question, short answer): one of each QA_KINDS, then a yes/no."""
+    """n LLaVA-style mm records (image, prompt, short answer) in the demo benchmarks' prompt formats, in turn
+    open (VQA), multiple choice (MCQ) and yes/no, drawn like the benchmarks but from their own stream."""
+    from benchmarks import mm_prompt
     rng, out = np.random.default_rng([QA_STREAM, seed]), []
-    while len(out) < n:
+    for i in range(n):
+        fmt = ("vqa", "mcq", "yn")[i % 3]
+        scene, row, _ = {"vqa": _vqa, "mcq": _mcq, "yn": _yes_no}[fmt](rng, i // 3)
+        options = {c: row[c] for c in "ABCD" if c in row}
+        answer = ast.literal_eval(row["answer"])[0] if fmt == "vqa" else row["answer"]
+        img = Image.fromarray(render(scene, image_size)["overhead_camera"])
+        out.append(dict(image=img, instruction=mm_prompt(dict(row, options=options), fmt), state=None, action=None,
+                        reasoning=answer, domain="mm", scene=layout(scene)))
+    return out
+
+
+def layout(scene):
+    """What is where: [(x, y, colour, kind)] of the objects, topmost last, then (x, y, "gripper") — the dense
+    targets of the tiny backbone's pretraining (train.pretrain_tiny)."""
+    objs = sorted(scene["objects"], key=lambda o: (o["z"], o["graspable"]))
+    return [(*o["pos"], o["color"], o["kind"]) for o in objs] + [(*scene["arms"][0]["pos"][:2], "", "gripper")]
+
+
+def _where(xy):
+    """Coarse position words on a 3 x 3 grid of the image: "at the top left", "in the centre"."""
+    row = ("top", "middle", "bottom")[min(int(xy[1] * 3), 2)]
+    col = ("left", "centre", "right")[min(int(xy[0] * 3), 2)]
+    return "in the centre" if (row, col) == ("middle", "centre") else f"at the {row} {col}"
+
+
+CAPTION_PROMPT = "Describe the table: every object, where it is, and the gripper."
+
+
+def caption(scene):
+    """A dense caption, objects in reading order: "a plate at the middle left, a red can at the top right with
+    'K' on it, ..., the gripper is open in the centre". It names what the image shows and no question can be
+    answered without it: pretraining on captions is what taught the tiny model to look (FACTS.md)."""
+    objs = sorted(scene["objects"], key=lambda o: (min(int(o["pos"][1] * 3), 2), o["pos"][0]))
+    parts = [f"{_a(o['name'])} {_where(o['pos'])}" + (f" with '{o['label']}' on it" if o["label"] else "")
+             for o in objs]
+    arm = scene["arms"][0]
+    return ", ".join(parts + [f"the gripper is {'open' if arm['grip'] > 0.5 else 'closed'} {_where(arm['pos'])}"])
+
+
+def caption_samples(seed, n, image_size=64):
+    """n LLaVA-style mm records (image, CAPTION_PROMPT, caption) of fresh QA scenes."""
+    rng, out = np.random.default_rng([CAPTION_STREAM, seed]), []
+    for _ in range(n):
         scene = qa_scene(rng)
-        if len(out) % 6 == 5:
-            yes = bool(rng.integers(2))
-            qa = ask_yes_no(rng, scene, yes)
-            qa = qa and (qa[0], "yes" if yes else "no")
-        else:
-            qa = ask(rng, scene, QA_KINDS[len(out) % 6])
-        if qa:
-            img = Image.fromarray(render(scene, image_size)["overhead_camera"])
-            out.append(dict(image=img, instruction=qa[0], state=None, action=None, reasoning=qa[1], domain="mm"))
+        out.append(dict(image=Image.fromarray(render(scene, image_size)["overhead_camera"]), instruction=CAPTION_PROMPT,
+                        state=None, action=None, reasoning=caption(scene), domain="mm", scene=layout(scene)))
+    return out
+
+
+def _template(question):
+    """The question with its object names and quoted text blanked: what a text-only guesser falls back on."""
+    for name in sorted(NAMES, key=len, reverse=True):
+        question = question.replace(name, "X")
+    return re.sub(r"'[^']*'", "'X'", question)
+
+
+def bench_baselines(n=1000, seed=0, image_size=64):
+    """{benchmark: {"chance": uniform chance, "text_only": accuracy}} for the first n rows of each demo benchmark
+    that write_benchmarks(n=n, seed=seed) writes. text_only answers from the question text alone (options too):
+    the answer most often right for the same question on n rows of another seed, else for the same question
+    with the names blanked, else overall; scored with the benchmarks' own scoring (benchmarks.score_row).
+    image_size: accepted as write_benchmarks takes it; no image is read."""
+    from benchmarks import BENCHMARKS, score_row
+    out = {}
+    for name in BENCH:
+        kind, metric, _ = BENCHMARKS[name]
+        counts = {}
+        for _, row, _ in bench_rows(name, n, seed + 7919):
+            truth = row[row["answer"]] if kind == "mcq" else row["answer"] if kind == "yn" else \
+                ast.literal_eval(row["answer"])[0]
+            for key in (row["question"], _template(row["question"]), ""):
+                counts.setdefault(key, {}).setdefault(truth, 0)
+                counts[key][truth] += 1
+        hits, chance = [], []
+        for _, row, p in bench_rows(name, n, seed):
+            keys = [counts.get(k, {}) for k in (row["question"], _template(row["question"]), "")]
+            if kind == "mcq":
+                options = {c: row[c] for c in "ABCD"}
+                guess = max(options, key=lambda c: tuple(k.get(options[c], 0) for k in keys))
+                row = dict(row, options=options)
+            else:
+                seen = next(k for k in keys if k)
+                guess = max(seen, key=seen.get)
+            hits.append(score_row(row, guess, metric)["hit"])
+            chance.append(p)
+        out[name] = dict(chance=float(np.mean(chance)), text_only=float(np.mean(hits)))
     return out
 
 
@@ -670,42 +828,15 @@ def _write_tsv(path, rows):
     os.replace(tmp, path)
 
 
-def _mcq(rng, scene, i):
-    kind = QA_KINDS[i % len(QA_KINDS)]
-    qa = ask(rng, scene, kind)
-    if qa:
-        options = [qa[1]] + [str(x) for x in rng.choice(qa[2], 3, replace=False)]
-        options = [options[k] for k in rng.permutation(4)]
-        return dict(question=qa[0], hint="", **dict(zip("ABCD", options)), answer="ABCD"[options.index(qa[1])],
-                    category=kind, **{"l2-category": L2[kind]}, split="dev")
-
-
-def _yes_no(rng, scene, i):
-    qa = ask_yes_no(rng, scene, i % 2 == 0)
-    if qa:
-        return dict(question=qa[0] + " Please answer yes or no.", answer="No" if i % 2 else "Yes", category=qa[1])
-
-
-def _vqa(rng, scene, i):
-    kind = QA_KINDS[i % len(QA_KINDS)]
-    qa = ask(rng, scene, kind)
-    if qa:   # VQA accuracy counts matches among 10 human answers: 10 copies score an exact answer 1
-        return dict(question=qa[0], answer=str([qa[1]] * 10), category=kind)
-
-
 def write_benchmarks(out_dir, n=200, seed=0, image_size=64):
     """Demo benchmarks as VLMEvalKit TSVs from held-out scenes: TabletopMCQ (MMBench columns),
     TabletopYN (MME: Yes/No) and TabletopVQA (TextVQA: answer is a list string of 10 answers)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for k, (name, row_of) in enumerate((("MCQ", _mcq), ("YN", _yes_no), ("VQA", _vqa))):
-        rng, rows = np.random.default_rng([BENCH_STREAM, seed, k]), []
-        while len(rows) < n:
-            scene = qa_scene(rng)
-            row = row_of(rng, scene, len(rows))
-            if row:
-                rows.append(dict(index=len(rows), image=_b64png(scene, image_size), **row))
-        paths.append(os.path.join(out_dir, f"Tabletop{name}.tsv"))
+    for name in BENCH:
+        rows = [dict(index=i, image=_b64png(scene, image_size), **row)
+                for i, (scene, row, _) in enumerate(bench_rows(name, n, seed))]
+        paths.append(os.path.join(out_dir, f"{name}.tsv"))
         _write_tsv(paths[-1], rows)
     return paths
 

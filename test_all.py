@@ -256,7 +256,9 @@ def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path
     lo, hi = 56 * 56, 224 * 224
     m = tiny_model(tiny_path, min_pixels=lo, max_pixels=hi)
     pad = m.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    reference = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)
+    f = m.factor  # the tiny backbone's grid: patch 7 × merge 2 = 14 px per image token
+    assert f == 14
+    reference = Qwen2VLImageProcessorPil(patch_size=7, min_pixels=lo, max_pixels=hi)
     sizes = [(64, 64), (300, 100), (100, 300), (1000, 700), (31, 500), (224, 224), (17, 17), (2000, 60)]
     images = [Image.fromarray(np.random.default_rng(k).integers(0, 255, (h, w, 3), dtype=np.uint8))
               for k, (w, h) in enumerate(sizes)]
@@ -264,15 +266,15 @@ def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path
     batch = m.make_batch(recs)
     counts = (batch["input_ids"] == pad).sum(1).tolist()
     for (w, h), im, n in zip(sizes, images, counts):
-        rh, rw = smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
-        assert n == rh * rw // 28 ** 2, (w, h)
+        rh, rw = smart_resize(h, w, factor=f, min_pixels=lo, max_pixels=hi)
+        assert n == rh * rw // f ** 2, (w, h)
         assert n == int(reference(images=[im])["image_grid_thw"].prod()) // 4, (w, h)
-    assert counts[-1] == 4  # the robot frame keeps its fixed 56 px, 2 × 2 tokens
+    assert counts[-1] == 16  # the robot frame keeps its fixed 56 px, 4 × 4 tokens
     assert torch.isfinite(m(batch)["loss"])  # the vision tower's features fill exactly these tokens
     answers = m.generate_answers([[images[1], images[4]], [images[6]]], ["Which is taller?", "What colour?"],
                                  max_new_tokens=2)
     assert len(answers) == 2
-    assert tiny_model(tiny_path).pixel_bounds == (28 * 28, 448 * 448)  # default: the backbone's processor's own
+    assert tiny_model(tiny_path).pixel_bounds == (14 * 14, 448 * 448)  # default: the backbone's processor's own
     # Qwen3-VL's grid: patch 16 × merge 2 = 32 px per token
     q3 = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=lo, max_pixels=hi)
     m3 = DualVLA(VLAConfig(backbone=tiny_path, image_size=224), m.backbone, m.tokenizer, q3)
@@ -454,6 +456,42 @@ def test_lora_without_peft_is_a_one_line_user_error(tiny_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(UserError, match="pip install peft"):
         train.add_lora(tiny_model(tiny_path), train.stage_config("specialist", {"lora_rank": 4}))
+
+
+def test_tiny_vision_cuts_7px_patches_into_16_image_tokens(tiny_path):
+    """56 px at patch 7 × merge 2: an 8 × 8 patch grid merged into 4 × 4 image tokens, each 14 px (an object)."""
+    m = tiny_model(tiny_path)
+    assert m.image_tokens == 16
+    batch = m.make_batch(robot_records(2))  # robot frames at image_size (multimodal images keep their own)
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    assert ((batch["input_ids"] == m.ids["<|image_pad|>"]).sum(1) == 16).all()
+    assert torch.isfinite(m(batch)["loss"])
+    with pytest.raises(UserError, match="multiple of 14"):
+        DualVLA(VLAConfig(backbone=tiny_path, image_size=64))
+
+
+def test_pretrained_backbone_is_built_once_per_settings(tmp_path, monkeypatch):
+    built, real = [], train.pretrain_tiny
+    monkeypatch.setattr(train, "pretrain_tiny", lambda path, s: built.append(path) or real(path, s))
+    ctx = dict(rank=0, world=1)
+    cfg = train.stage_config("specialist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
+                                                out=str(tmp_path / "run")))
+    path = train.backbone_path(cfg, ctx)
+    assert built == [path] and os.path.dirname(path) == str(tmp_path / "bb")
+    stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    report = json.load(open(os.path.join(path, "pretrain.json")))
+    assert {"seconds", "loss_first", "loss_last", "heldout_loss", "heldout_loss_shuffled", "image_gap"} <= set(report)
+    other_seed = train.stage_config("generalist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
+                                                       out=str(tmp_path / "run2"), seed=3))
+    assert train.backbone_path(other_seed, ctx) == path and built == [path]     # every stage and seed reuses it
+    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
+    model = DualVLA(VLAConfig(backbone=path, image_size=56))                    # a normal backbone folder
+    assert model.image_tokens == 16 and model.backbone.config.vision_config.patch_size == 7
+    cfg.backbone_steps = 3                                                      # a setting changed: rebuilt beside it
+    new = train.backbone_path(cfg, ctx)
+    assert new != path and built == [path, new] and os.path.isdir(path)
+    cfg.backbone_steps = 0                                                      # 0: the random tiny one under OUT
+    assert train.backbone_path(cfg, ctx) == os.path.join(cfg.out, "tiny") and len(built) == 2
 
 
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
@@ -812,25 +850,40 @@ def test_qa_answers_on_a_hand_built_scene():
     block.update(pos=np.array([0.7, 0.5]), label="4")
     plate.update(pos=np.array([0.45, 0.85]))
     scene.update(objects=[can, block, plate])
-    scene["arms"][0]["pos"] = np.array([0.65, 0.45, 0.1])
-    asked = {}
-    for kind in tabletop.QA_KINDS:
-        for _ in range(30):
-            qa = tabletop.ask(rng, scene, kind)
-            if qa:
-                asked[qa[0]] = qa[1]
-                assert qa[1] not in qa[2]
-    assert asked["Which object is closest to the gripper?"] == "green block"
-    assert asked["How many objects are on the table?"] == "3" and asked["How many cans are on the table?"] == "1"
-    assert asked["What is written on the red can?"] == "K" and asked["What is written on the green block?"] == "4"
-    assert asked["What colour is the can?"] == "red" and asked["What colour is the block with '4' written on it?"] == "green"
-    assert asked.get("Is the red can to the left or to the right of the green block?", "left") == "left"
-    assert asked.get("Is the plate above or below the red can in the image?", "below") == "below"
+    scene["arms"][0].update(pos=np.array([0.65, 0.45, 0.1]), grip=1.0)
+    ask = lambda kind, form, answer: tabletop.ask(rng, scene, kind, form, answer)
+    assert ask("count", "object", "3") == "How many objects are on the table?" and ask("count", "can", "1")
+    assert ask("count", "object", "4") is None and ask("count", "block", "0") is None
+    assert ask("colour", "can", "red") in ("What colour is the can?", "What colour is the can with 'K' written on it?")
+    assert ask("colour", "block", "red") is None
+    assert ask("position", "", "left") == ("Where is the red can relative to the green block in the image: "
+                                           "left, right, above or below?")
+    assert "relative to the plate" in ask("position", "", "above")
+    assert ask("closest", "", "plate") == "Which object is closest to the gripper?"
+    assert np.linalg.norm(scene["arms"][0]["pos"][:2] - plate["pos"]) < 0.06   # the gripper moved next to it
+    assert ask("closest", "", "carrot") is None
+    assert ask("ocr", "block", "7") == "What is written on the green block?" and block["label"] == "7"
+    yn = lambda form, yes: tabletop.ask_yes_no(rng, scene, form, yes)
+    assert yn("gripper", True) == "Is the gripper open?" and yn("gripper", False) == "Is the gripper closed?"
+    assert yn("position", True) == "Is the red can to the left of the green block?"
+    assert yn("ocr", True) in ("Is the text 'K' written on the red can?", "Is the text '7' written on the green block?")
     recs = qa_samples(0, 12)
     assert len(recs) == 12 and all(r["domain"] == "mm" and r["action"] is None and r["image"].size == (64, 64)
                                    for r in recs)
-    assert recs[5]["reasoning"] in ("yes", "no") and recs[4]["instruction"].startswith("What is written on")
+    assert recs[1]["instruction"].startswith("Question: ") and recs[1]["reasoning"] in "ABCD"
+    assert recs[2]["instruction"].endswith("Please answer yes or no.") and recs[2]["reasoning"] in ("Yes", "No")
+    assert recs[0]["instruction"].endswith("Answer the question using a single word or phrase.")
     assert [r["instruction"] for r in qa_samples(0, 12)] == [r["instruction"] for r in recs]
+
+
+def test_benchmarks_need_the_image():
+    """Per question, every answer equally likely: the question text alone scores uniform chance."""
+    base = tabletop.bench_baselines(n=500, seed=0)
+    assert set(base) == {"TabletopMCQ", "TabletopYN", "TabletopVQA"}
+    assert base["TabletopMCQ"]["chance"] == 0.25 and base["TabletopYN"]["chance"] == 0.5
+    assert 0.1 < base["TabletopVQA"]["chance"] < 0.3
+    for name, b in base.items():
+        assert abs(b["text_only"] - b["chance"]) < 0.05, (name, b)
 
 
 def test_benchmark_tsvs_parse_and_images_decode(tmp_path):
@@ -3319,7 +3372,8 @@ def test_hf_judge_with_tiny_model(tmp_path):
 
 # ============================================================================= train.py
 
-FAST = dict(steps=6, batch_size=8, warmup_steps=0, log_every=1, ckpt_every=3, threads=1, demo_episodes=2, demo_qa=24)
+FAST = dict(steps=6, batch_size=8, warmup_steps=0, log_every=1, ckpt_every=3, threads=1, demo_episodes=2, demo_qa=24,
+            backbone_steps=0)
 
 
 def flags(**kw):
@@ -4089,7 +4143,7 @@ def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
         for key in ("step_s", "samples_per_s", "tokens_per_s", "tokens_per_sample", "padded_tokens_per_sample",
                     "model_tflop_per_step"):
             assert isinstance(fig[key], float) and fig[key] > 0, (step, key, fig[key])
-        assert fig["image_tokens_per_sample"] == 64  # 224 px: 16 x 16 patches merged 2 x 2
+        assert fig["image_tokens_per_sample"] == 256  # 224 px at the tiny model's 7 px patches: 32 x 32 merged 2 x 2
         assert fig["padded_tokens_per_sample"] >= fig["tokens_per_sample"] > 64
         if res["device"] == "cpu":  # no allocator peak counter and no tensor-core peak on a CPU
             assert fig["mfu"] is None and fig["peak_memory_gib"] is None and fig["peak_reserved_gib"] is None
