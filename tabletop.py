@@ -46,19 +46,20 @@ class DemoConfig:
 TASKS = ("tabletop_pick", "tabletop_place", "tabletop_move_near")  # SimplerEnv's 7-DoF families
 BIMANUAL = "tabletop_bimanual"   # two grippers, 14-D actions: the paper's real-robot setting
 ALL_TASKS = TASKS + (BIMANUAL,)
-MAX_STEPS = {"tabletop_pick": 60, "tabletop_place": 100, "tabletop_move_near": 100, BIMANUAL: 80}
+MAX_STEPS = {"tabletop_pick": 24, "tabletop_place": 36, "tabletop_move_near": 36, BIMANUAL: 40}  # ~2x the expert's
 CAMERAS = ("overhead_camera", "wrist_camera", "wrist_camera_1")  # wrist_camera_1: second arm
 TRAIN_SEED_OFFSET = 1000
 
-MAX_STEP = 0.06      # per-step xyz motion is clipped to this norm (table = unit square)
-SPEED = 0.05         # the expert's constant speed
+MAX_STEP = 0.12      # per-step xyz motion is clipped to this norm (table = unit square)
+SPEED = 0.1          # the expert's constant speed: a reach takes ~5 steps, an episode 10-20
 Z_HIGH, Z_LOW, Z_MAX = 0.2, 0.02, 0.3   # carrying height, grasping height, ceiling
 GRASP_Z = 0.04       # the fingers reach an object at or below this height
-GRASP_RADIUS = 0.05  # ... whose centre is this close
+GRASP_RADIUS = 0.07  # ... whose centre is this close (most of an object's radius: a policy's aim is coarse)
 LIFT_Z = 0.15        # pick succeeds once the object is this high
 AT_TOL = 0.02        # "above the object/goal" for the subtask bookkeeping
 NEAR_TOL = 0.1       # below carrying height and this close: correct in place rather than go back up
-NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.18, 0.13, 0.03   # move-near success, expert's goal, distractors
+NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.26, 0.2, 0.03   # move-near success, expert's goal, distractors
+N_GRASPABLE, N_RECEPTACLES = 2, 1   # per scene: the target and one distractor, one plate or towel
 HEIGHT_SCALE = 1.5   # top-down camera: things closer to it look bigger
 SS = 4               # render at SS x the image size, then box-filter down (anti-aliasing)
 
@@ -66,7 +67,7 @@ COLORS = {"red": (200, 45, 40), "green": (50, 160, 70), "blue": (45, 80, 205),
           "yellow": (230, 200, 45), "purple": (135, 65, 165), "orange": (240, 135, 35),
           "white": (236, 236, 230)}
 PAINTS = ("red", "green", "blue", "yellow", "purple")   # cans and blocks come in these
-SIZES = {"can": 0.06, "block": 0.055, "carrot": 0.065, "eggplant": 0.06, "plate": 0.12, "towel": 0.12}
+SIZES = {"can": 0.08, "block": 0.075, "carrot": 0.085, "eggplant": 0.08, "plate": 0.14, "towel": 0.14}
 POOL = [("can", c) for c in PAINTS] + [("block", c) for c in PAINTS] + [("carrot", "orange"),
                                                                          ("eggplant", "purple")]
 LETTERS, DIGITS = "ABCDEFGHJKLMNPRSTUVXYZ", "23456789"   # text printed on cans / blocks (OCR)
@@ -133,10 +134,11 @@ def _near_goal(objects, s, t):
 def sample_scene(rng, task):
     """Objects, grippers, the task's jobs (one per arm) and the lighting, all drawn from rng."""
     for _ in range(1000):
-        n_rec = 1 if task == "tabletop_pick" else int(rng.integers(1, 3))
         objects = [_object(rng, k, "white" if k == "plate" else str(rng.choice(["blue", "green", "yellow"])))
-                   for k in [str(k) for k in rng.permutation(["plate", "towel"])][:n_rec]]
-        picks = rng.choice(len(POOL), int(rng.integers(3, 5)), replace=False)
+                   for k in [str(k) for k in rng.permutation(["plate", "towel"])][:N_RECEPTACLES]]
+        picks = rng.choice(len(POOL), N_GRASPABLE, replace=False)
+        if len({POOL[i][1] for i in picks}) < N_GRASPABLE:   # one colour each: the colour word alone grounds
+            continue
         objects += [_object(rng, *POOL[i]) for i in picks]
         if not _place_all(rng, objects):
             continue

@@ -1919,6 +1919,49 @@ def test_policy_on_tiny_checkpoint_runs_tabletop_episode(tmp_path):
         Policy(bad.save_pretrained(str(tmp_path / "bad")), device="cpu")
 
 
+def test_wilson_interval_by_hand():
+    """k=1, n=2, z=1.96: centre (0.5 + 1.9208/2) / (1 + 1.9208) = 0.5, half-width
+    1.96·sqrt(0.25/2 + 3.8416/16) / 2.9208 = 0.40547; k=0, n=50: high 2·(3.8416/100) / 1.076832 = 0.07135."""
+    assert np.allclose(evaluate.wilson_interval(1, 2), (0.5 - 0.40547, 0.5 + 0.40547), atol=1e-5)
+    assert np.allclose(evaluate.wilson_interval(0, 50), (0.0, 0.07135), atol=1e-5)
+    assert np.allclose(evaluate.wilson_interval(50, 50), (1 - 0.07135, 1.0), atol=1e-5)
+    lo, hi = evaluate.wilson_interval(40, 50)
+    assert lo < 0.8 < hi and np.isclose(0.8 - lo, 0.1304, atol=1e-4) and np.isclose(hi - 0.8, 0.0876, atol=1e-4)
+    per_task = evaluate.task_intervals([dict(task="a", success=s) for s in (True, False)] + [dict(task="b", success=True)])
+    assert per_task["a"]["episodes"] == 2 and per_task["a"]["successes"] == 1
+    assert np.allclose(per_task["a"]["interval"], (9.453, 90.547), atol=1e-3)
+
+
+@pytest.mark.parametrize("reason", [False, True])
+def test_batched_episodes_equal_one_at_a_time(tmp_path, reason):
+    """Episodes stepped together (one left-padded forward for all) give the rollouts each gives alone,
+    flow noise included: it comes from each episode's own seed, not from the batch."""
+    model = DualVLA(VLAConfig(backbone=build_tiny(str(tmp_path / "tiny")), image_size=56, chunk=4,
+                              max_reasoning_tokens=4))
+    model.set_action_stats(data.action_stats(np.random.default_rng(0).normal(size=(64, 7))))
+    model.eval()
+    pol = Policy(model, "widowx_bridge", exec_horizon=3, reason=reason, use_state=True, env="tabletop")
+    specs = [dict(task=t, seed=s, robot="tabletop") for t in TASKS for s in (0, 1)]
+    cfg = SimConfig()
+
+    def opened():
+        return [open_episode(spec, cfg) for spec in specs]
+
+    alone = [run_episode(evaluate.fork(pol), env, obs, cams, max_steps=7, seed=spec["seed"])[0]
+             for spec, (env, obs, cams) in zip(specs, opened())]
+    eps = opened()
+    together = evaluate.run_episodes([evaluate.fork(pol) for _ in specs], [e for e, _, _ in eps], [o for _, o, _ in eps],
+                                     eps[0][2], max_steps=7, seeds=[spec["seed"] for spec in specs])
+    for a, (b, _) in zip(alone, together):
+        assert a["n_steps"] == b["n_steps"] == 7 and a["success"] == b["success"]
+        assert np.allclose(a["actions"], b["actions"], atol=1e-4) and a["reasoning"] == b["reasoning"]
+        assert a["generated_tokens"] == b["generated_tokens"]
+    again = run_episode(evaluate.fork(pol), *opened()[1], max_steps=7, seed=specs[1]["seed"])[0]
+    assert np.allclose(again["actions"], alone[1]["actions"], atol=1e-6)   # a fixed seed set is reproducible
+    other = run_episode(evaluate.fork(pol), *opened()[1], max_steps=7, seed=99)[0]
+    assert not np.allclose(other["actions"], alone[1]["actions"], atol=1e-3)   # ... and the seed is what fixes it
+
+
 # ============================================================================= evaluate.py mm
 
 # VLMEvalKit's MMBench column order

@@ -113,7 +113,7 @@ class TrainConfig:
     ckpt_every: int = 200           # steps between resumable checkpoints (and one at the end)
     keep_ckpts: int = 2             # resumable checkpoints kept (the newest)
     resume: bool = False            # continue from the newest checkpoint of each stage run
-    eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
+    eval_episodes: int = 50         # --stage all: tabletop evaluation episodes per task (held-out seeds 0..N-1)
     eval_questions: int = 50        # --stage all: questions per demo benchmark
     ablations: bool = False         # --stage all: also distill with every other --prune and --kd mode (Tables 7, 8)
 
@@ -138,8 +138,7 @@ PRESETS = {
     # multimodal, the first setting in which the random tiny VLM learned any QA. Distillation uses the
     # generalist's settings, so DualVLA differs from it only by pruning and the teachers.
     "mini": {
-        "common": dict(threads=1, flow_target="action", demo_episodes=1000, demo_hold=6, demo_noise=0.02,
-                       eval_episodes=8),
+        "common": dict(threads=1, flow_target="action", demo_episodes=1000, demo_hold=6, demo_noise=0.02),
         "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", ground_weight=1.0),
         "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
         "distill": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
@@ -916,7 +915,9 @@ def evaluate_demo(cfg, stages):
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
                                                   exec_horizon=8, state=True, reason=stage != "specialist"))
-        print(f"{stage}: tabletop success {json.dumps(sim['success'])}")
+        print(f"{stage}: tabletop success " + ", ".join(
+            f"{t} {r['successes']}/{r['episodes']} ({r['interval'][0]:.0f}-{r['interval'][1]:.0f} % at 95 %)"
+            for t, r in sim["per_task"].items()))
         model = evaluate.load_policy_model(ckpt)  # once, for the open-loop check and the benchmarks
         loop = evaluate.open_loop_agreement(model, episodes=cfg.eval_episodes, reason=stage != "specialist")
         data.atomic_write(os.path.join(out, "eval", "open_loop.json"), json.dumps(loop, indent=1))
