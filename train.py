@@ -74,6 +74,7 @@ class TrainConfig:
     demo_task: str = "single"       # demo robot data: single (3 one-arm tasks, 7-D) | bimanual (2 arms, 14-D)
     demo_hold: int = 0              # demo data: expert steps recorded after each success (tabletop.py --hold)
     demo_noise: float = 0.0         # demo data: DART noise on the executed motion (tabletop.py --noise)
+    demo_miss: float = 0.0          # demo data: share of episodes with a missed, retried grasp (tabletop.py --miss)
     cameras: str = ""               # comma-separated, frame order: demo cameras, LeRobot keys or names; "" = data's
     # model
     backbone: str = ""              # specialist's VLM (hub name or folder); "" = OUT/tiny (demo) or Qwen (paper)
@@ -125,7 +126,10 @@ PRESETS = {
     "demo": {
         # One thread: the tiny model's ops gain little from a second one, and OpenMP threads spin-wait
         # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
-        "common": dict(threads=1, flow_target="action"),
+        # 1,000 episodes a task: with 100 the head memorised its 300 scenes (action loss 0.015, 5 % success on
+        # new ones); a 4-action chunk for episodes of 10-20 steps; hold steps and missed grasps show what to
+        # do after success and after closing on nothing (docs/miniature.md).
+        "common": dict(threads=1, flow_target="action", chunk=4, demo_episodes=1000, demo_hold=3, demo_miss=0.3),
         # The random VLM frozen throughout: unfreezing it lets the lone <|act|> target wash the instruction out
         # of the query states. The grounding term and x1-prediction made the head learn fastest (README).
         "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
@@ -212,8 +216,9 @@ def validate(cfg):
         raise UserError("need --steps >= 1, --batch-size >= 1, --grad-accum >= 1 and 0 <= --mm-ratio < 1")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
-    if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
-        raise UserError(f"need --demo-hold >= 0 and 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step)")
+    if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP or not 0 <= cfg.demo_miss <= 1:
+        raise UserError(f"need --demo-hold >= 0, 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step) "
+                        "and 0 <= --demo-miss <= 1")
     if cfg.data and cfg.demo_task != "single":
         raise UserError("--demo-task picks the demo's robot data; with --data there is no demo data to pick")
     if not cfg.data and camera_list(cfg):  # here, on every rank: the demo data is written by rank 0 alone
@@ -243,7 +248,7 @@ def demo_data(cfg, ctx):
         t0 = time.time()
         tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed, cameras=cameras,
                             bimanual_episodes=cfg.demo_episodes if cfg.demo_task == "bimanual" else 0,
-                            hold=cfg.demo_hold, noise=cfg.demo_noise)
+                            hold=cfg.demo_hold, noise=cfg.demo_noise, miss=cfg.demo_miss)
         print(f"demo data: done in {time.time() - t0:.0f} s")
     barrier(ctx)  # always: whether the files exist must not decide which ranks meet here
     return root
@@ -878,11 +883,16 @@ def ablation_runs(cfg, explicit, ctx):
 def eval_commands(cfg, stage):
     """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
     ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
-    env = "simplerenv" if cfg.data else "tabletop --state --exec-horizon 8"  # the demo model acts on its state too
+    env = "simplerenv" if cfg.data else f"tabletop --state --exec-horizon {eval_horizon(cfg)}"  # acts on its state too
     bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
     return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
             + (" --no-reason" if stage == "specialist" else ""),
             f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
+
+
+def eval_horizon(cfg):
+    """Actions executed per predicted chunk in the tabletop evaluation: half of a 16-action chunk, all of a shorter one."""
+    return min(8, cfg.chunk or 16)
 
 
 def demo_kb(cfg, evaluate):
@@ -914,7 +924,7 @@ def evaluate_demo(cfg, stages):
             continue
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
-                                                  exec_horizon=8, state=True, reason=stage != "specialist"))
+                                                  exec_horizon=eval_horizon(cfg), state=True, reason=stage != "specialist"))
         print(f"{stage}: tabletop success " + ", ".join(
             f"{t} {r['successes']}/{r['episodes']} ({r['interval'][0]:.0f}-{r['interval'][1]:.0f} % at 95 %)"
             for t, r in sim["per_task"].items()))
