@@ -754,12 +754,16 @@ def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, m
     import tabletop
     per_task = {}
     for task in tasks or tabletop.TASKS:
-        cos, grip = [], []
+        cos, grip, frames = [], [], []
         for k in range(episodes):
             ep = tabletop.expert_episode(task, seed + k, model.config.head_image_size)
-            for step in ep["steps"][:max_frames or None]:
-                a = model.predict_action(step["image"], ep["instruction"], state=step["state"], reason=reason)["actions"][0]
-                e = np.asarray(step["action"], np.float32)
+            frames += [(step, ep["instruction"]) for step in ep["steps"][:max_frames or None]]
+        for i in range(0, len(frames), 64):   # 64 frames per batched forward
+            part = frames[i:i + 64]
+            outs = model.predict_actions([s["image"] for s, _ in part], [text for _, text in part],
+                                         [s["state"] for s, _ in part], reason=reason)
+            for (step, _), out in zip(part, outs):
+                a, e = out["actions"][0], np.asarray(step["action"], np.float32)
                 if np.linalg.norm(e[:3]) > 1e-3:
                     cos.append(float(a[:3] @ e[:3] / (np.linalg.norm(a[:3]) * np.linalg.norm(e[:3]) + 1e-9)))
                 grip.append(float((a[6] > 0.5) == (e[6] > 0.5)))

@@ -1897,16 +1897,16 @@ def test_run_episode_accepts_any_policy_and_video(tmp_path, capsys):
 
 
 def test_open_loop_agreement_hand_computed():
-    class Replay:  # predict_action's interface: the expert's own action, or its xyz reversed
+    class Replay:  # predict_actions' interface: the expert's own actions, or their xyz reversed
         config = SimpleNamespace(head_image_size=32)
 
         def __init__(self, sign):
             self.sign, self.env = sign, None
 
-        def predict_action(self, image, instruction, state=None, reason=True):
-            a = np.array(self.expert[self.k], np.float32)
-            self.k += 1
-            return dict(actions=np.r_[self.sign * a[:3], a[3:]][None])
+        def predict_actions(self, images, instructions, states=None, reason=True):
+            a = np.array(self.expert[self.k:self.k + len(images)], np.float32)
+            self.k += len(images)
+            return [dict(actions=np.r_[self.sign * x[:3], x[3:]][None]) for x in a]
     for sign, direction in ((1, 1.0), (-1, -1.0)):
         model = Replay(sign)
         eps = {t: tabletop.expert_episode(t, 500, 32) for t in tabletop.TASKS}
@@ -2968,8 +2968,11 @@ def test_presets_and_flags():
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     mini = train.stage_config("specialist", {"preset": "mini"})
     assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
+    assert (demo.chunk, demo.demo_hold, demo.eval_episodes, train.eval_horizon(demo)) == (4, 3, 50, 4)
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
+    with pytest.raises(UserError, match="--demo-miss"):
+        train.validate(train.stage_config("specialist", {"demo_miss": 1.5}))
     explicit = train.parse_args(["--lambda-kd", "1", "--no-bf16", "--kd", "action", "--mm-data", "x.json"])
     assert explicit == {"lambda_kd": 1.0, "bf16": False, "kd": "action", "mm_data": "x.json"}
 
@@ -2989,7 +2992,7 @@ def test_demo_data_is_written_with_the_presets_hold_and_noise(tmp_path, monkeypa
     monkeypatch.setattr(tabletop, "write_demo", lambda root, *a, **k: seen.update(k, root=root))
     cfg = train.stage_config("specialist", {"preset": "mini", "out": str(tmp_path)})
     assert train.demo_data(cfg, {"rank": 0, "world": 1}) == seen["root"] == str(tmp_path / "data")
-    assert (seen["hold"], seen["noise"]) == (6, 0.02)
+    assert (seen["hold"], seen["noise"], seen["miss"]) == (6, 0.02, 0.0)
 
 
 # ============================================================================= two cameras, two arms (issue 14)
