@@ -11,6 +11,7 @@ report.py. Each has its config dataclass, its functions and its CLI pair (add_*_
 at the bottom dispatches and turns bad input into one line, exit 2.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -43,9 +45,10 @@ class SimConfig:
     ckpt: str = ""                   # DualVLA checkpoint folder (save_pretrained)
     tasks: tuple = ()                # tabletop.ALL_TASKS or SIMPLER_COLUMNS keys; () = all (tabletop: policy's width)
     cameras: tuple = ()              # tabletop cameras, one image each per step; () = the checkpoint's own
-    episodes: int = None             # tabletop: seeds per task (None: WidowX's 24); simplerenv: at most this many
-                                     # per column (None or 0: SimplerEnv's full grid, the paper's protocol)
-    seed: int = 0                    # first tabletop seed
+    episodes: int = None             # tabletop: seeds per task (None: 50, a rate within about ±13 points);
+                                     # simplerenv: at most this many per column (None or 0: SimplerEnv's full grid)
+    seed: int = 0                    # first tabletop seed: seeds seed..seed+episodes-1, held out from training
+    batch: int = 50                  # tabletop: episodes stepped together, one model forward for all
     max_steps: int = 0               # 0 = the env's own limit (SimplerEnv: 80 / 113 / 60 steps per task)
     exec_horizon: int = 1            # execute the first k actions of each predicted chunk
     ensemble: str = "none"           # or predict every step and average overlapping chunks: act (ACT) | adaptive (CogACT)
@@ -282,25 +285,32 @@ class Policy:
         self.task_description = None
         self.reset(None)
 
-    def reset(self, task_description):
+    def reset(self, task_description, seed=None):
+        """A new episode; seed: the episode's own flow-noise stream (None: torch's global one)."""
         self.task_description = task_description
         self.queue, self.history = deque(), deque(maxlen=max(self.horizon, 1))
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.fresh = None
         self.convert.reset()
+
+    def needs_prediction(self):
+        return self.ensemble != "none" or not self.queue
+
+    def receive(self, out):
+        """A prediction (predict_action's dict) for the current step."""
+        self.fresh = out
+        if self.ensemble != "none":
+            self.history.append(out["actions"])
+        else:
+            self.queue.extend(out["actions"][:self.exec_horizon])
 
     def step(self, image, task_description=None, state=None):
         if task_description is not None and task_description != self.task_description:
             self.reset(task_description)
-        reasoning, n_tokens = None, 0
-        if self.ensemble != "none" or not self.queue:
-            pil = lambda im: Image.fromarray(np.asarray(im, np.uint8))
-            images = [pil(im) for im in image] if isinstance(image, (list, tuple)) else pil(image)
-            out = self.model.predict_action(images, self.task_description, state=state if self.use_state else None,
-                                            reason=self.reason, robot=self.robot)
-            reasoning, n_tokens = out["reasoning"] or None, int(out["n_tokens"])
-            if self.ensemble != "none":
-                self.history.append(out["actions"])
-            else:
-                self.queue.extend(out["actions"][:self.exec_horizon])
+        if self.fresh is None and self.needs_prediction():
+            predict_batch([self], [image], [state])
+        out, self.fresh = self.fresh, None
+        reasoning, n_tokens = (out["reasoning"] or None, int(out["n_tokens"])) if out else (None, 0)
         if self.ensemble == "act":
             a = ensemble_action(self.history, self.ensemble_temp)
         elif self.ensemble == "adaptive":
@@ -309,6 +319,20 @@ class Policy:
             a = self.queue.popleft()
         raw_action = raw_action_dict(a, reasoning, n_tokens)
         return raw_action, self.convert(raw_action)
+
+
+def predict_batch(policies, images, states):
+    """One batched model call for Policy objects that share a model (several episodes stepped together):
+    each gets its own prediction from its image(s), state and instruction, flow noise from its own stream."""
+    pil = lambda im: Image.fromarray(np.asarray(im, np.uint8))
+    p = policies[0]
+    outs = p.model.predict_actions(
+        [[pil(im) for im in x] if isinstance(x, (list, tuple)) else pil(x) for x in images],
+        [q.task_description for q in policies], [s if q.use_state else None for q, s in zip(policies, states)],
+        reason=p.reason, generators=[q.generator for q in policies] if all(q.generator is not None for q in policies) else None,
+        robot=p.robot)
+    for q, out in zip(policies, outs):
+        q.receive(out)
 
 
 def load_policy_model(ckpt, device=None):
@@ -332,7 +356,7 @@ class ExpertPolicy:
     def attach(self, env):
         self.env = env
 
-    def reset(self, task_description):
+    def reset(self, task_description, seed=None):
         self.convert.reset()
 
     def step(self, image, task_description=None, state=None):
@@ -350,7 +374,7 @@ class RandomPolicy:
     def attach(self, env):
         self.arms = getattr(env, "action_dim", ENV_ACTION_DIM) // ENV_ACTION_DIM
 
-    def reset(self, task_description):
+    def reset(self, task_description, seed=None):
         self.convert.reset()
 
     def step(self, image, task_description=None, state=None):
@@ -479,7 +503,7 @@ def episode_specs(cfg):
         raise UserError(f"unknown task(s) {', '.join(unknown)} for --env {cfg.env}; valid: {', '.join(valid)}")
     if cfg.env == "tabletop":
         return [dict(task=t, group=t, variant=t, seed=cfg.seed + i, robot="tabletop")
-                for t in tasks for i in range(24 if cfg.episodes is None else cfg.episodes)]
+                for t in tasks for i in range(50 if cfg.episodes is None else cfg.episodes)]
     specs = []
     for t in tasks:
         grid = simpler_grid(t)
@@ -528,48 +552,76 @@ def open_episode(spec, cfg):
 
 # ----------------------------------------------------------------------------- the episode loop
 
-def run_episode(policy, env, obs, cameras, max_steps=0, robot="tabletop"):
+def run_episode(policy, env, obs, cameras, max_steps=0, robot="tabletop", seed=None):
     """SimplerEnv's loop: step until the env truncates (or the policy terminates); success is the env's
     flag at the last step. Returns the rollout record (contract format, minus frames) and all images.
     Each step the policy is offered the robot state of the observation (observed_state for `robot`).
 
     With several cameras the policy gets a list of images (in `cameras` order) and the rollout keeps the
     first camera's; with several arms actions are 7 values per arm, arm after arm (tabletop_bimanual).
+    seed: the episode's flow-noise stream for a model policy (None: torch's global one).
     """
-    if hasattr(policy, "attach"):
-        policy.attach(env)
-    task = env.get_language_instruction()
-    policy.reset(task)
+    return run_episodes([policy], [env], [obs], cameras, max_steps, robot, None if seed is None else [seed])[0]
+
+
+def run_episodes(policies, envs, observations, cameras, max_steps=0, robot="tabletop", seeds=None):
+    """run_episode for several episodes in lockstep, one policy object per episode (see fork). Model
+    policies whose queues ran out get their next chunks from one batched forward (predict_batch); with
+    per-episode seeds an episode's rollout does not depend on the batch it runs in."""
     view = lambda o: [o["image"][c]["rgb"] for c in cameras]
-    image = view(obs)
-    images, actions, reasoning, progress, subtask = [image[0]], [], [], [], []
-    tokens, success, info = 0, False, {}
-    while True:
-        raw_action, action = policy.step(image if len(image) > 1 else image[0], task,
-                                         state=observed_state(obs, robot))
-        actions.append(per_arm(raw_action["world_vector"], raw_action["rotation_delta"],
-                               raw_action["open_gripper"]).tolist())
-        reasoning.append(raw_action.get("reasoning"))
-        tokens += int(raw_action.get("n_tokens", 0))
-        gripper = action["gripper"]
-        if isinstance(env, tabletop.TabletopEnv):  # its gripper is an absolute target, 1 open / 0 close
-            gripper = (np.asarray(gripper) + 1) / 2
-        obs, _, success, truncated, info = env.step(
-            per_arm(action["world_vector"], action["rot_axangle"], gripper).astype(np.float32))
-        if "progress" in info:
-            progress.append(float(info["progress"]))
-            subtask.append(str(info.get("subtask", "")))
-        image = view(obs)
-        images.append(image[0])
-        task = env.get_language_instruction()  # long-horizon tasks change it; SimplerEnv follows along
-        if truncated or action["terminate_episode"][0] > 0 or (max_steps and len(actions) >= max_steps):
-            break
-    rollout = dict(instruction=task, success=bool(success), n_steps=len(actions), actions=actions,
-                   reasoning=reasoning, generated_tokens=tokens,
-                   episode_stats=_jsonable(info.get("episode_stats", {})))
-    if progress:
-        rollout.update(progress=progress, subtask=subtask)
-    return rollout, images
+    runs = []
+    for k, (policy, env, obs) in enumerate(zip(policies, envs, observations)):
+        if hasattr(policy, "attach"):
+            policy.attach(env)
+        policy.reset(env.get_language_instruction(), None if seeds is None else seeds[k])
+        runs.append(dict(obs=obs, image=view(obs), task=env.get_language_instruction(), actions=[], reasoning=[],
+                         progress=[], subtask=[], tokens=0, success=False, info={}))
+        runs[-1]["images"] = [runs[-1]["image"][0]]
+    active = list(range(len(envs)))
+    while active:
+        need = [k for k in active if isinstance(policies[k], Policy) and policies[k].needs_prediction()]
+        if need:
+            predict_batch([policies[k] for k in need], [runs[k]["image"] if len(cameras) > 1 else runs[k]["image"][0]
+                                                        for k in need], [observed_state(runs[k]["obs"], robot) for k in need])
+        for k in list(active):
+            r, env = runs[k], envs[k]
+            image = r["image"]
+            raw_action, action = policies[k].step(image if len(image) > 1 else image[0], r["task"],
+                                                  state=observed_state(r["obs"], robot))
+            r["actions"].append(per_arm(raw_action["world_vector"], raw_action["rotation_delta"],
+                                        raw_action["open_gripper"]).tolist())
+            r["reasoning"].append(raw_action.get("reasoning"))
+            r["tokens"] += int(raw_action.get("n_tokens", 0))
+            gripper = action["gripper"]
+            if isinstance(env, tabletop.TabletopEnv):  # its gripper is an absolute target, 1 open / 0 close
+                gripper = (np.asarray(gripper) + 1) / 2
+            r["obs"], _, r["success"], truncated, r["info"] = env.step(
+                per_arm(action["world_vector"], action["rot_axangle"], gripper).astype(np.float32))
+            if "progress" in r["info"]:
+                r["progress"].append(float(r["info"]["progress"]))
+                r["subtask"].append(str(r["info"].get("subtask", "")))
+            r["image"] = view(r["obs"])
+            r["images"].append(r["image"][0])
+            r["task"] = env.get_language_instruction()  # long-horizon tasks change it; SimplerEnv follows along
+            if truncated or action["terminate_episode"][0] > 0 or (max_steps and len(r["actions"]) >= max_steps):
+                active.remove(k)
+    out = []
+    for r in runs:
+        rollout = dict(instruction=r["task"], success=bool(r["success"]), n_steps=len(r["actions"]),
+                       actions=r["actions"], reasoning=r["reasoning"], generated_tokens=r["tokens"],
+                       episode_stats=_jsonable(r["info"].get("episode_stats", {})))
+        if r["progress"]:
+            rollout.update(progress=r["progress"], subtask=r["subtask"])
+        out.append((rollout, r["images"]))
+    return out
+
+
+def fork(policy):
+    """A copy of a policy for one of several episodes run together: the same model (or expert, or random
+    stream), its own action queue and gripper state."""
+    c = copy.copy(policy)
+    c.convert = copy.deepcopy(policy.convert)
+    return c
 
 
 def _jsonable(x):
@@ -604,28 +656,37 @@ def sweep(policies, specs, cfg, policy_name):
     """Run every episode with the policy for its robot (dict policy_setup -> policy); save each rollout.
 
     Returns per-episode summaries (task, group, variant, seed, success, n_steps, generated_tokens).
-    With cfg.resume an existing rollout of the same policy is kept (SimplerEnv's full sweep is ~2400
-    episodes, hours on a GPU).
+    Tabletop episodes run cfg.batch at a time in lockstep (run_episodes: one model forward per step for
+    all), each with flow noise seeded by its env seed; SimplerEnv's run one at a time. With cfg.resume an
+    existing rollout of the same policy is kept (SimplerEnv's full sweep is ~2400 episodes, hours on a GPU).
     """
-    summaries = []
-    for spec in tqdm(specs, desc=f"sim {cfg.env}", leave=False):
-        ep_dir = os.path.join(cfg.out, "rollouts", spec["task"], f"ep{spec['seed']:03d}")
-        path = os.path.join(ep_dir, "episode.json")
+    summaries, todo = {}, []
+    for i, spec in enumerate(specs):
+        path = os.path.join(cfg.out, "rollouts", spec["task"], f"ep{spec['seed']:03d}", "episode.json")
         rollout = None
         if cfg.resume and os.path.isfile(path):
             with open(path) as f:
                 rollout = json.load(f)
             rollout = rollout if rollout.get("policy") == policy_name else None
         if rollout is None:
-            env, obs, cameras = open_episode(spec, cfg)
-            rollout, images = run_episode(policies[robot_setup(spec)], env, obs, cameras, cfg.max_steps, spec["robot"])
+            todo.append(i)
+        else:
+            summaries[i] = rollout
+    size = max(1, cfg.batch) if cfg.env == "tabletop" else 1
+    for start in tqdm(range(0, len(todo), size), desc=f"sim {cfg.env} ({size} episodes at a time)", leave=False):
+        group = [specs[i] for i in todo[start:start + size]]
+        opened = [open_episode(spec, cfg) for spec in group]
+        results = run_episodes([fork(policies[robot_setup(spec)]) for spec in group], [e for e, _, _ in opened],
+                               [o for _, o, _ in opened], opened[0][2], cfg.max_steps, group[0]["robot"],
+                               [spec["seed"] for spec in group])
+        for i, spec, (env, _, _), (rollout, images) in zip(todo[start:start + size], group, opened, results):
             getattr(env, "close", lambda: None)()
             rollout = dict(task=spec["task"], seed=spec["seed"], policy=policy_name, group=spec["group"],
                            variant=spec["variant"], **rollout)
-            rollout = save_rollout(rollout, images, ep_dir, cfg.frames, cfg.video)
-        summaries.append({k: rollout[k] for k in ("task", "group", "variant", "seed", "success", "n_steps",
-                                                   "generated_tokens")})
-    return summaries
+            ep_dir = os.path.join(cfg.out, "rollouts", spec["task"], f"ep{spec['seed']:03d}")
+            summaries[i] = save_rollout(rollout, images, ep_dir, cfg.frames, cfg.video)
+    return [{k: summaries[i][k] for k in ("task", "group", "variant", "seed", "success", "n_steps", "generated_tokens")}
+            for i in range(len(specs))]
 
 
 def robot_setup(spec):
@@ -645,6 +706,27 @@ def column_success(summaries):
     return {task: 100 * float(np.mean([np.mean([np.mean(v) for v in variants.values()])
                                        for variants in groups.values()]))
             for task, groups in tree.items()}
+
+
+def wilson_interval(k, n, z=1.96):
+    """Wilson score interval (default 95 %) of a success rate k / n, as (low, high) in [0, 1]: unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0 / n and n / n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def task_intervals(summaries):
+    """Per task: episodes, successes and the 95 % Wilson interval in %, over all its episodes."""
+    out = {}
+    for task in dict.fromkeys(s["task"] for s in summaries):
+        wins = [bool(s["success"]) for s in summaries if s["task"] == task]
+        lo, hi = wilson_interval(sum(wins), len(wins))
+        out[task] = dict(episodes=len(wins), successes=sum(wins), interval=[100 * lo, 100 * hi])
+    return out
 
 
 def simpler_table(results):
@@ -684,9 +766,10 @@ def add_sim_args(p):
                    help=f"tabletop: comma-separated cameras ({', '.join(tabletop.CAMERAS)}), one per camera of the "
                         "checkpoint, in its order (default: the checkpoint's own names)")
     p.add_argument("--episodes", type=int, default=d.episodes,
-                   help="tabletop: seeds per task (default 24); simplerenv: at most this many per column "
+                   help="tabletop: seeds per task (default 50); simplerenv: at most this many per column "
                         "(default: SimplerEnv's full grid)")
-    p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed")
+    p.add_argument("--seed", type=int, default=d.seed, help="first tabletop seed (the set is fixed: seed, seed+1, ...)")
+    p.add_argument("--batch", type=int, default=d.batch, help="tabletop: episodes stepped together (one forward each step)")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="cap on steps per episode (0 = the env's)")
     p.add_argument("--exec-horizon", type=int, default=d.exec_horizon, help="actions executed per predicted chunk")
     p.add_argument("--ensemble", nargs="?", const="act", default=d.ensemble, choices=ENSEMBLES,
@@ -774,12 +857,16 @@ def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, m
     import tabletop
     per_task = {}
     for task in tasks or tabletop.TASKS:
-        cos, grip = [], []
+        cos, grip, frames = [], [], []
         for k in range(episodes):
             ep = tabletop.expert_episode(task, seed + k, model.config.head_image_size)
-            for step in ep["steps"][:max_frames or None]:
-                a = model.predict_action(step["image"], ep["instruction"], state=step["state"], reason=reason)["actions"][0]
-                e = np.asarray(step["action"], np.float32)
+            frames += [(step, ep["instruction"]) for step in ep["steps"][:max_frames or None]]
+        for i in range(0, len(frames), 64):   # 64 frames per batched forward
+            part = frames[i:i + 64]
+            outs = model.predict_actions([s["image"] for s, _ in part], [text for _, text in part],
+                                         [s["state"] for s, _ in part], reason=reason)
+            for (step, _), out in zip(part, outs):
+                a, e = out["actions"][0], np.asarray(step["action"], np.float32)
                 if np.linalg.norm(e[:3]) > 1e-3:
                     cos.append(float(a[:3] @ e[:3] / (np.linalg.norm(a[:3]) * np.linalg.norm(e[:3]) + 1e-9)))
                 grip.append(float((a[6] > 0.5) == (e[6] > 0.5)))
@@ -802,7 +889,7 @@ def run_sim(cfg):
         specs = episode_specs(cfg)
     summaries = sweep(policies, specs, cfg, policy_name)
     results = dict(env=cfg.env, policy=policy_name, config={f.name: getattr(cfg, f.name) for f in fields(cfg)},
-                   success=column_success(summaries), episodes=summaries,
+                   success=column_success(summaries), per_task=task_intervals(summaries), episodes=summaries,
                    generated_tokens=int(sum(s["generated_tokens"] for s in summaries)))
     if cfg.env == "simplerenv":
         results["table"] = simpler_table(summaries)
@@ -823,6 +910,9 @@ def main_sim(args):
     if cfg.env == "simplerenv":
         rows, columns = {results["policy"]: results["table"]}, SIMPLER_COLUMNS
     print(markdown_table(rows, dict(columns, avg="Avg")))
+    if cfg.env == "tabletop":
+        print("; ".join(f"{t}: {r['successes']}/{r['episodes']}, 95 % interval {r['interval'][0]:.1f}-{r['interval'][1]:.1f} %"
+                        for t, r in results["per_task"].items()))
     print(f"{len(results['episodes'])} episodes, {results['generated_tokens']} generated tokens; "
           f"rollouts and sim_results.json in {cfg.out}")
 

@@ -624,46 +624,59 @@ class DualVLA(nn.Module):
         return [self.tokenizer.decode(seq[seq != self.ids[PAD]], skip_special_tokens=True).strip() for seq in new]
 
     @torch.no_grad()
-    def predict_action(self, image, instruction, state=None, reason=True, robot=None):
+    def predict_action(self, image, instruction, state=None, reason=True, robot=None, generator=None):
         """Reason (KV-cached greedy decoding until <|act|>), then act. Returns actions in the units of
         `robot` (robot_stats: whose statistics un-normalise them)."""
-        cfg, dev = self.config, self.queries.device
-        rec = dict(image=image, instruction=instruction, state=state, domain="robot", robot=robot)
-        imgs = self._images(rec)
-        pixels = self._pixels(imgs)  # once per control step: generation and the action share it
-        prompt = self._robot_prompt(rec)
-        reasoning_ids = []
+        return self.predict_actions([image], [instruction], [state], reason, [generator] if generator else None,
+                                    robot)[0]
+
+    @torch.no_grad()
+    def predict_actions(self, images, instructions, states=None, reason=True, generators=None, robot=None):
+        """predict_action for a batch of frames (e.g. many episodes stepped together): one left-padded
+        generation and one forward for all. generators: one torch.Generator per frame for the flow
+        noise, so a frame's actions do not depend on what else is in the batch."""
+        cfg, dev, B = self.config, self.queries.device, len(images)
+        recs = [dict(image=im, instruction=text, state=None if states is None else states[b], domain="robot", robot=robot)
+                for b, (im, text) in enumerate(zip(images, instructions))]
+        imgs = [self._images(r) for r in recs]
+        pixels = self._pixels([im for ims in imgs for im in ims])  # once per control step: reasoning and action
+        prompts = [self._robot_prompt(r) for r in recs]
+        stops = (self.ids[ACT], self.ids[IM_END])
+        reasoning_ids = [[] for _ in recs]
         if reason:
-            batch = self._left_padded([prompt], pixels)
-            new = self._generate(batch, cfg.max_reasoning_tokens, [self.ids[ACT], self.ids[IM_END]])[0].tolist()
-            reasoning_ids = [i for i in new if i not in (self.ids[ACT], self.ids[IM_END], self.ids[PAD])]
-        reasoning = self.tokenizer.decode(reasoning_ids, skip_special_tokens=True).strip()
-        n_tokens = len(reasoning_ids) + int(reason)
+            new = self._generate(self._left_padded(prompts, pixels), cfg.max_reasoning_tokens, list(stops)).tolist()
+            for b, seq in enumerate(new):
+                seq = seq[:next((k for k, i in enumerate(seq) if i in stops), len(seq))]
+                reasoning_ids[b] = [i for i in seq if i != self.ids[PAD]]
         if cfg.action_head == "tokens":
-            batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]]], pixels)
             n_act = cfg.chunk * cfg.action_dim
-            new = self._generate(batch, n_act, None, [_AllowOnly(self.bin_ids)], min_new_tokens=n_act)[0]
-            bins = torch.searchsorted(self.bin_ids.to(new.device), new[:n_act]).cpu().numpy()
-            actions = ((bins + 0.5) / cfg.n_bins * 2 - 1).reshape(cfg.chunk, cfg.action_dim)
+            batch = self._left_padded([p + r + [self.ids[ACT]] for p, r in zip(prompts, reasoning_ids)], pixels)
+            new = self._generate(batch, n_act, None, [_AllowOnly(self.bin_ids)], min_new_tokens=n_act)
+            bins = torch.searchsorted(self.bin_ids.to(new.device), new[:, :n_act].contiguous()).cpu().numpy()
+            actions = ((bins + 0.5) / cfg.n_bins * 2 - 1).reshape(B, cfg.chunk, cfg.action_dim)
         else:
-            batch = self._left_padded([prompt + reasoning_ids + [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries],
-                                      pixels)
+            tail = [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries
+            batch = self._left_padded([p + r + tail for p, r in zip(prompts, reasoning_ids)], pixels)
             batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
             batch = self.to_device(batch)
-            h = self.hidden_states(batch)
-            qs = h[batch["query_mask"]].view(1, cfg.n_queries, -1)
-            state_t = torch.from_numpy(self._state(rec))[None].to(dev)
-            ctx = self.head.context(qs, self._head_pixels(imgs)[None].to(dev), state_t)
-            actions = self.sample_actions(ctx).cpu().numpy()[0]
+            qs = self.hidden_states(batch)[batch["query_mask"]].view(B, cfg.n_queries, -1)
+            state_t = torch.from_numpy(np.stack([self._state(r) for r in recs])).to(dev)
+            ctx = self.head.context(qs, torch.stack([self._head_pixels(ims) for ims in imgs]).to(dev), state_t)
+            actions = self.sample_actions(ctx, generators).cpu().numpy()
         actions = np.clip(actions, -1, 1)  # the training targets live in [-1, 1]
         stats = self.robot_stats(robot)[0]
         if stats:
             actions = unnormalize_action(actions, stats)
-        return dict(actions=np.asarray(actions, np.float32), reasoning=reasoning, n_tokens=n_tokens)
+        return [dict(actions=np.asarray(a, np.float32), n_tokens=len(r) + int(reason),
+                     reasoning=self.tokenizer.decode(r, skip_special_tokens=True).strip())
+                for a, r in zip(actions, reasoning_ids)]
 
-    def sample_actions(self, ctx):
-        """Euler integration of the learned velocity from noise (t=0) to actions (t=1)."""
-        x = torch.randn(ctx.shape[0], self.config.chunk, self.config.action_dim, device=ctx.device)
+    def sample_actions(self, ctx, generators=None):
+        """Euler integration of the learned velocity from noise (t=0) to actions (t=1); generators: one per
+        row for its noise (None: torch's global stream)."""
+        shape = (self.config.chunk, self.config.action_dim)
+        x = (torch.stack([torch.randn(shape, generator=g) for g in generators]).to(ctx.device) if generators
+             else torch.randn(ctx.shape[0], *shape, device=ctx.device))
         dt = 1.0 / self.config.flow_steps
         for k in range(self.config.flow_steps):
             t = torch.full((ctx.shape[0],), k * dt, device=ctx.device)

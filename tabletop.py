@@ -43,24 +43,26 @@ class DemoConfig:
     cameras: str = "overhead_camera"
     hold: int = 0                # expert steps recorded after success (the policy learns to stay done)
     noise: float = 0.0           # DART perturbation std of the executed xyz motion (0 = clean demos)
+    miss: float = 0.0            # share of episodes whose first grasp misses and is retried (0 = clean demos)
 
 
 TASKS = ("tabletop_pick", "tabletop_place", "tabletop_move_near")  # SimplerEnv's 7-DoF families
 BIMANUAL = "tabletop_bimanual"   # two grippers, 14-D actions: the paper's real-robot setting
 ALL_TASKS = TASKS + (BIMANUAL,)
-MAX_STEPS = {"tabletop_pick": 60, "tabletop_place": 100, "tabletop_move_near": 100, BIMANUAL: 80}
+MAX_STEPS = {"tabletop_pick": 24, "tabletop_place": 36, "tabletop_move_near": 36, BIMANUAL: 40}  # ~2x the expert's
 CAMERAS = ("overhead_camera", "wrist_camera", "wrist_camera_1")  # wrist_camera_1: second arm
 TRAIN_SEED_OFFSET = 1000
 
-MAX_STEP = 0.06      # per-step xyz motion is clipped to this norm (table = unit square)
-SPEED = 0.05         # the expert's constant speed
+MAX_STEP = 0.12      # per-step xyz motion is clipped to this norm (table = unit square)
+SPEED = 0.1          # the expert's constant speed: a reach takes ~5 steps, an episode 10-20
 Z_HIGH, Z_LOW, Z_MAX = 0.2, 0.02, 0.3   # carrying height, grasping height, ceiling
 GRASP_Z = 0.04       # the fingers reach an object at or below this height
-GRASP_RADIUS = 0.05  # ... whose centre is this close
+GRASP_RADIUS = 0.07  # ... whose centre is this close (most of an object's radius: a policy's aim is coarse)
 LIFT_Z = 0.15        # pick succeeds once the object is this high
 AT_TOL = 0.02        # "above the object/goal" for the subtask bookkeeping
 NEAR_TOL = 0.1       # below carrying height and this close: correct in place rather than go back up
-NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.18, 0.13, 0.03   # move-near success, expert's goal, distractors
+NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.26, 0.2, 0.03   # move-near success, expert's goal, distractors
+N_GRASPABLE, N_RECEPTACLES = 2, 1   # per scene: the target and one distractor, one plate or towel
 HEIGHT_SCALE = 1.5   # top-down camera: things closer to it look bigger
 SS = 4               # render at SS x the image size, then box-filter down (anti-aliasing)
 
@@ -68,7 +70,7 @@ COLORS = {"red": (200, 45, 40), "green": (50, 160, 70), "blue": (45, 80, 205),
           "yellow": (230, 200, 45), "purple": (135, 65, 165), "orange": (240, 135, 35),
           "white": (236, 236, 230)}
 PAINTS = ("red", "green", "blue", "yellow", "purple")   # cans and blocks come in these
-SIZES = {"can": 0.06, "block": 0.055, "carrot": 0.065, "eggplant": 0.06, "plate": 0.12, "towel": 0.12}
+SIZES = {"can": 0.08, "block": 0.075, "carrot": 0.085, "eggplant": 0.08, "plate": 0.14, "towel": 0.14}
 POOL = [("can", c) for c in PAINTS] + [("block", c) for c in PAINTS] + [("carrot", "orange"),
                                                                          ("eggplant", "purple")]
 LETTERS, DIGITS = "ABCDEFGHJKLMNPRSTUVXYZ", "23456789"   # text printed on cans / blocks (OCR)
@@ -135,10 +137,11 @@ def _near_goal(objects, s, t):
 def sample_scene(rng, task):
     """Objects, grippers, the task's jobs (one per arm) and the lighting, all drawn from rng."""
     for _ in range(1000):
-        n_rec = 1 if task == "tabletop_pick" else int(rng.integers(1, 3))
         objects = [_object(rng, k, "white" if k == "plate" else str(rng.choice(["blue", "green", "yellow"])))
-                   for k in [str(k) for k in rng.permutation(["plate", "towel"])][:n_rec]]
-        picks = rng.choice(len(POOL), int(rng.integers(3, 5)), replace=False)
+                   for k in [str(k) for k in rng.permutation(["plate", "towel"])][:N_RECEPTACLES]]
+        picks = rng.choice(len(POOL), N_GRASPABLE, replace=False)
+        if len({POOL[i][1] for i in picks}) < N_GRASPABLE:   # one colour each: the colour word alone grounds
+            continue
         objects += [_object(rng, *POOL[i]) for i in picks]
         if not _place_all(rng, objects):
             continue
@@ -513,15 +516,18 @@ def step_reasoning(env, action):
             "GRIPPER POSITION": ", ".join(str(p["gripper"]) for p in parts)}
 
 
-def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",), hold=0, noise=0.0):
+def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",), hold=0, noise=0.0, miss=0.0):
     """One expert demonstration: dict(id, instruction, robot, task, steps=[dict(image, state, action,
     reasoning, phase)]); image is a list when there are several cameras, phase the ground-truth
     subtask index (summed over the arms of the bimanual task). It ends on the step that succeeds, or
     `hold` steps later (the expert keeps still: SimplerEnv reads success at the last step, so a policy
     must also learn to stay done). noise > 0: DART-style perturbations (Laskey et al., 2017): on 30 % of
     the steps the executed xyz motion gets N(0, noise²) per axis added while the recorded action stays the
-    expert's, so the demonstrations show recoveries from off-path states. An episode whose perturbed run
-    does not finish in time is recorded unperturbed."""
+    expert's, so the demonstrations show recoveries from off-path states. miss: the share of episodes whose
+    first grasp misses: the arm slips 1.3 GRASP_RADIUS sideways as the fingers close, so the demonstration
+    shows a closed, empty gripper beside the object (where a policy's coarse aim leaves it) and the expert
+    reopening, sliding back and grasping again. An episode whose perturbed run does not finish in time is
+    recorded unperturbed."""
     if not cameras:
         raise ValueError(f"expert_episode({task_name!r}): needs at least one camera")
     env = make(task_name, seed, image_size, cameras=cameras)
@@ -534,6 +540,7 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
         steps.append(dict(image=imgs[0] if len(imgs) == 1 else imgs, state=obs["state"], action=action,
                           reasoning=step_reasoning(env, action), phase=info["phase"]))
 
+    slip = [bool(miss) and rng.random() < miss for _ in range(env.n_arms)]
     for _ in range(env.max_steps):
         action = expert_action(env)
         record(action)
@@ -541,11 +548,16 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
         if noise and rng.random() < 0.3:
             for i in range(env.n_arms):
                 executed[7 * i:7 * i + 3] += rng.normal(0, noise, 3)
+        for i, arm in enumerate(env.scene["arms"]):
+            if slip[i] and arm["grip"] > 0.5 and action[7 * i + 6] <= 0.5:   # the first close of arm i
+                angle = rng.uniform(0, 2 * np.pi)
+                executed[7 * i:7 * i + 2] = 1.3 * GRASP_RADIUS * np.array([np.cos(angle), np.sin(angle)])
+                slip[i] = False
         obs, _, success, _, info = env.step(executed)
         if success:
             break
     else:
-        if noise:
+        if noise or miss:
             return expert_episode(task_name, seed, image_size, cameras, hold)
         raise RuntimeError(f"expert failed on {task_name} seed {seed}")
     for _ in range(hold):   # the expert keeps still, and the task stays done
@@ -844,17 +856,18 @@ def write_benchmarks(out_dir, n=200, seed=0, image_size=64):
 # ----------------------------------------------------------------------------- the demo data set
 
 def write_demo(out, n_episodes=100, n_qa=3000, n_bench=200, seed=0, image_size=64,
-               cameras=("overhead_camera",), bimanual_episodes=0, hold=0, noise=0.0):
+               cameras=("overhead_camera",), bimanual_episodes=0, hold=0, noise=0.0, miss=0.0):
     """Everything the demo trains and evaluates on, under out/:
     episodes.jsonl + images/ (expert episodes of each of TASKS, env seeds >= TRAIN_SEED_OFFSET),
     bimanual/ (14-DoF episodes, its own folder: one action width per folder), mm.json + mm_images/
     (LLaVA-format QA) and LMUData/Tabletop{MCQ,YN,VQA}.tsv (held-out demo benchmarks)."""
     first = TRAIN_SEED_OFFSET + seed * 100_000
-    episodes = [expert_episode(t, first + j, image_size, cameras, hold, noise) for t in TASKS for j in range(n_episodes)]
+    episodes = [expert_episode(t, first + j, image_size, cameras, hold, noise, miss)
+                for t in TASKS for j in range(n_episodes)]
     data.write_episodes(episodes, out)
     counts = dict(episodes=len(episodes), frames=sum(len(e["steps"]) for e in episodes))
     if bimanual_episodes:
-        bimanual = [expert_episode(BIMANUAL, first + j, image_size, cameras, hold, noise)
+        bimanual = [expert_episode(BIMANUAL, first + j, image_size, cameras, hold, noise, miss)
                     for j in range(bimanual_episodes)]
         data.write_episodes(bimanual, os.path.join(out, "bimanual"))
         counts.update(bimanual_episodes=len(bimanual), bimanual_frames=sum(len(e["steps"]) for e in bimanual))
@@ -878,6 +891,8 @@ def main(argv=None):
     p.add_argument("--hold", type=int, default=d.hold, help="expert steps recorded after success (default %(default)s)")
     p.add_argument("--noise", type=float, default=d.noise, help="DART perturbation std of the executed xyz motion, "
                    "table units (default %(default)s: clean demonstrations)")
+    p.add_argument("--miss", type=float, default=d.miss, help="share of episodes whose first grasp misses and the "
+                   "expert retries (default %(default)s)")
     p.add_argument("--cameras", default=d.cameras, help="comma-separated: overhead_camera, wrist_camera (a crop around the "
                    "gripper); default %(default)s")
     a = p.parse_args(argv)
@@ -888,10 +903,12 @@ def main(argv=None):
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= {int(flag == 'bench')}, got {getattr(a, flag)}")
         if not 0 <= a.noise < MAX_STEP:
             raise ValueError(f"--noise must be in [0, {MAX_STEP}), got {a.noise}")
+        if not 0 <= a.miss <= 1:
+            raise ValueError(f"--miss must be in [0, 1], got {a.miss}")
         make(TASKS[0], cameras=cameras, image_size=a.image_size)   # checks the camera names and the size
         t0, c0 = time.perf_counter(), time.process_time()
         counts = write_demo(a.out, a.episodes, a.qa, a.bench, a.seed, a.image_size, cameras, a.bimanual_episodes,
-                            a.hold, a.noise)
+                            a.hold, a.noise, a.miss)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -82,6 +82,7 @@ class TrainConfig:
     demo_task: str = "single"       # demo robot data: single (3 one-arm tasks, 7-D) | bimanual (2 arms, 14-D)
     demo_hold: int = 0              # demo data: expert steps recorded after each success (tabletop.py --hold)
     demo_noise: float = 0.0         # demo data: DART noise on the executed motion (tabletop.py --noise)
+    demo_miss: float = 0.0          # demo data: share of episodes with a missed, retried grasp (tabletop.py --miss)
     cameras: str = ""               # comma-separated, frame order: demo cameras, LeRobot keys or names; "" = data's
     # model
     backbone: str = ""              # specialist's VLM (hub name or folder); "" = the demo's tiny one or Qwen (paper)
@@ -136,7 +137,7 @@ class TrainConfig:
     keep_ckpts: int = 2             # resumable checkpoints kept (the newest)
     resume: bool = False            # continue from the newest checkpoint of each stage run
     overwrite: bool = False         # replace a stage's earlier run in OUT (without it or --resume such a run is kept)
-    eval_episodes: int = 5          # --stage all: tabletop evaluation episodes per task
+    eval_episodes: int = 50         # demo evaluation: tabletop episodes per task (held-out seeds 0..N-1)
     eval_questions: int = 50        # --stage all: questions per demo benchmark
     ablations: bool = False         # --stage all: also distill with every other --prune and --kd mode (Tables 7, 8)
 
@@ -150,7 +151,9 @@ PRESETS = {
         # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
         # The tiny backbone pretrained for 800 steps (~2 CPU minutes, once per settings: docs/miniature.md).
         # Multimodal images on the robot frames' 4 x 4 grid, as the tiny backbone was pretrained.
-        "common": dict(threads=1, flow_target="action", backbone_steps=800, min_pixels=56 * 56, max_pixels=56 * 56),
+        # A 4-action chunk for episodes of 10-20 steps; hold steps show the policy how to stay done.
+        "common": dict(threads=1, flow_target="action", backbone_steps=800, min_pixels=56 * 56, max_pixels=56 * 56,
+                       chunk=4, demo_hold=3),
         # The random VLM frozen throughout: unfreezing it lets the lone <|act|> target wash the instruction out
         # of the query states. The grounding term and x1-prediction made the head learn fastest (README).
         "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
@@ -164,7 +167,7 @@ PRESETS = {
     # generalist's settings, so DualVLA differs from it only by pruning and the teachers.
     "mini": {
         "common": dict(threads=1, flow_target="action", demo_episodes=1000, demo_hold=6, demo_noise=0.02,
-                       eval_episodes=8, backbone_steps=3000, min_pixels=56 * 56, max_pixels=56 * 56),
+                       backbone_steps=3000, min_pixels=56 * 56, max_pixels=56 * 56),
         "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", ground_weight=1.0),
         "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
         "distill": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5),
@@ -266,8 +269,9 @@ def validate(cfg):
         raise UserError("--lora-rank runs under DDP, not --fsdp (with LoRA the 3B model's training state fits a GPU)")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
-    if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP:
-        raise UserError(f"need --demo-hold >= 0 and 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step)")
+    if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP or not 0 <= cfg.demo_miss <= 1:
+        raise UserError(f"need --demo-hold >= 0, 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step) "
+                        "and 0 <= --demo-miss <= 1")
     if cfg.data and cfg.demo_task != "single":
         raise UserError("--demo-task picks the demo's robot data; with --data there is no demo data to pick")
     if not cfg.data and camera_list(cfg):  # here, on every rank: the demo data is written by rank 0 alone
@@ -297,7 +301,7 @@ def demo_data(cfg, ctx):
         t0 = time.time()
         tabletop.write_demo(root, cfg.demo_episodes, cfg.demo_qa, seed=cfg.seed, cameras=cameras,
                             bimanual_episodes=cfg.demo_episodes if cfg.demo_task == "bimanual" else 0,
-                            hold=cfg.demo_hold, noise=cfg.demo_noise)
+                            hold=cfg.demo_hold, noise=cfg.demo_noise, miss=cfg.demo_miss)
         print(f"demo data: done in {time.time() - t0:.0f} s")
     barrier(ctx)  # always: whether the files exist must not decide which ranks meet here
     return root
@@ -1320,13 +1324,18 @@ def ablation_runs(cfg, explicit, ctx):
 def eval_commands(cfg, stage):
     """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
     ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
-    env = "simplerenv" if cfg.data else "tabletop --state --exec-horizon 8"  # the demo model acts on its state too
+    env = "simplerenv" if cfg.data else f"tabletop --state --exec-horizon {eval_horizon(cfg)}"  # acts on its state too
     if cfg.data and cfg.preset == "paper":  # the base model's SimplerEnv execution (InstructVLA's policies)
         env += " --ensemble adaptive --sticky-repeat 10 --gripper-fix"
     bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
     return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
             + (" --no-reason" if stage == "specialist" else ""),
             f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
+
+
+def eval_horizon(cfg):
+    """Actions executed per predicted chunk in the tabletop evaluation: half of a 16-action chunk, all of a shorter one."""
+    return min(8, cfg.chunk or 16)
 
 
 def demo_kb(cfg, evaluate, vla_score):
@@ -1360,8 +1369,10 @@ def evaluate_demo(cfg, stages):
             continue
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
-                                                  exec_horizon=8, state=True, reason=stage != "specialist"))
-        print(f"{stage}: tabletop success {json.dumps(sim['success'])}")
+                                                  exec_horizon=eval_horizon(cfg), state=True, reason=stage != "specialist"))
+        print(f"{stage}: tabletop success " + ", ".join(
+            f"{t} {r['successes']}/{r['episodes']} ({r['interval'][0]:.0f}-{r['interval'][1]:.0f} % at 95 %)"
+            for t, r in sim["per_task"].items()))
         model = evaluate.load_policy_model(ckpt)  # once, for the open-loop check and the benchmarks
         loop = evaluate.open_loop_agreement(model, episodes=cfg.eval_episodes, reason=stage != "specialist")
         data.atomic_write(os.path.join(out, "eval", "open_loop.json"), json.dumps(loop, indent=1))
