@@ -1404,7 +1404,7 @@ def write_results(cfg, stages):
     print(f"\nresults ({os.path.join(cfg.out, 'results.json')}):\n" + tables.results_table(results))
 
 
-def report(summaries, cfg, wall):
+def report(summaries, cfg, wall, evaluated=False):
     print(f"\n{'stage':<11} {'steps':>6} {'loss first -> last':>20} {'fixed batch before -> after':>28} {'time':>7}  model")
     for s in summaries:
         if s["stage"] == "prune":
@@ -1415,7 +1415,7 @@ def report(summaries, cfg, wall):
               f"{fb[0]:>13.4f} -> {fb[1]:<10.4f} {s['wall_s']:>6.0f}s  {s['model']}")
     print(f"total wall time {wall:.0f} s")
     trained = [s["stage"] for s in summaries if s["stage"] != "prune"]
-    if trained:
+    if trained and not evaluated:
         print("next, evaluate:\n  " + "\n  ".join(eval_commands(cfg, trained[-1])))
 
 
@@ -1444,7 +1444,7 @@ def main(argv=None):
         if ctx["rank"] == 0:
             if evaluated and not cfg.data:
                 evaluate_demo(cfg, evaluated, backbone_path(cfg, ctx))
-            report(summaries, cfg, time.time() - t0)
+            report(summaries, cfg, time.time() - t0, evaluated and not cfg.data)
             if evaluated and not cfg.data and not cfg.mm_data:
                 write_results(cfg, evaluated[:3])
     except (UserError, DataError, FloatingPointError, OSError) as e:  # raised alike on every rank
