@@ -669,7 +669,10 @@ def test_cli_writes_the_demo_folder_and_rejects_bad_flags(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "valid names" in bad.stderr
     assert not (tmp_path / "x").exists()
     bad = subprocess.run(cmd[:3] + [str(tmp_path / "x"), "--noise", "0.2"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --noise must be in [0, 0.06)")
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: --noise must be in [0, {tabletop.MAX_STEP})")
+    assert not (tmp_path / "x").exists()
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "x"), "--miss", "1.5"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --miss must be in [0, 1]")
     assert not (tmp_path / "x").exists()
 
 
