@@ -817,12 +817,12 @@ def make_policies(cfg):
     return {s: make(s) for s in ("google_robot", "widowx_bridge")}
 
 
-def tabletop_setup(cfg, policy):
-    """cfg with the tabletop tasks and cameras the policy needs: by default the tasks of its action width
+def tabletop_setup(cfg, model=None):
+    """cfg with the tabletop tasks and cameras a model needs (None: the expert's or a random policy's): by
+    default the tasks of its action width
     and the checkpoint's cameras (a one-camera checkpoint whose camera is not a tabletop name sees the
     overhead camera). A checkpoint shown another number of cameras, or given tasks of another width, is
     refused here, before any episode runs."""
-    model = policy.model if isinstance(policy, Policy) else None
     widths = {t: tabletop.make(t, cameras=()).action_dim for t in tabletop.ALL_TASKS}
     width = model.config.action_dim if model else ENV_ACTION_DIM
     tasks = cfg.tasks or tuple(t for t in tabletop.ALL_TASKS if widths[t] == width)
@@ -854,12 +854,12 @@ def open_loop_agreement(model, tasks=None, episodes=3, seed=500, reason=False, m
     Per task and on average: `direction`, the mean cosine between predicted and expert xyz motion on
     frames where the expert moves; `gripper`, the share of frames with the same open/closed command.
     max_frames: the first frames of each episode only (0: all)."""
-    import tabletop
+    setup = tabletop_setup(SimConfig(env="tabletop", tasks=tuple(tasks or ())), model)
     per_task = {}
-    for task in tasks or tabletop.TASKS:
+    for task in setup.tasks:  # the tasks of the model's action width, seen by its cameras
         cos, grip, frames = [], [], []
         for k in range(episodes):
-            ep = tabletop.expert_episode(task, seed + k, model.config.head_image_size)
+            ep = tabletop.expert_episode(task, seed + k, model.config.head_image_size, setup.cameras)
             frames += [(step, ep["instruction"]) for step in ep["steps"][:max_frames or None]]
         for i in range(0, len(frames), 64):   # 64 frames per batched forward
             part = frames[i:i + 64]
@@ -885,7 +885,8 @@ def run_sim(cfg):
     policy_name = os.path.abspath(cfg.ckpt) if cfg.policy == "model" else cfg.policy
     policies = make_policies(cfg)
     if cfg.env == "tabletop":
-        cfg = tabletop_setup(cfg, policies["widowx_bridge"])
+        policy = policies["widowx_bridge"]
+        cfg = tabletop_setup(cfg, policy.model if isinstance(policy, Policy) else None)
         specs = episode_specs(cfg)
     summaries = sweep(policies, specs, cfg, policy_name)
     results = dict(env=cfg.env, policy=policy_name, config={f.name: getattr(cfg, f.name) for f in fields(cfg)},

@@ -43,13 +43,14 @@ def demo_results(run_dir, stages, baselines):
     """The main job's result, OUT/results.json: per stage, tabletop success per task as a rate in [0, 1]
     with its episodes and 95 % Wilson interval, each demo benchmark's accuracy beside its uniform chance
     and the score the question text alone gets (tabletop.bench_baselines), and the VLA Score (Eq. 8, the
-    tabletop oracle as judge), every figure in [0, 1]."""
+    tabletop oracle as judge; None for two-arm rollouts, which its prompt has no form for), every figure in [0, 1]."""
     out = {}
     for stage in stages:
         d = os.path.join(run_dir, stage, "eval")
         tasks = read_json(os.path.join(d, "sim", "sim_results.json"), "tabletop success")["per_task"]
         mm = read_json(os.path.join(d, "mm", "summary.json"), "demo benchmarks")["benchmarks"]
-        vla = read_json(os.path.join(d, "vla_score", "summary.json"), "VLA Score")["policies"]
+        vla = os.path.join(d, "vla_score", "summary.json")  # absent where the judge had no form (two arms)
+        vla = next(iter(read_json(vla, "VLA Score")["policies"].values()))["VLA_Score"] / 100 if os.path.isfile(vla) else None
         out[stage] = dict(
             success={t: r["successes"] / r["episodes"] for t, r in tasks.items()},
             success_interval={t: [r["interval"][0] / 100, r["interval"][1] / 100] for t, r in tasks.items()},
@@ -57,7 +58,7 @@ def demo_results(run_dir, stages, baselines):
             bench={name: b["score"] / 100 for name, b in mm.items()},
             bench_chance={name: baselines[name]["chance"] for name in mm},
             bench_text_only={name: baselines[name]["text_only"] for name in mm},
-            vla_score=next(iter(vla.values()))["VLA_Score"] / 100)
+            vla_score=vla)
     return out
 
 
@@ -71,8 +72,10 @@ def results_table(results):
                for b in bench] + ["VLA Score"])
     lines = ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for stage, r in results.items():
-        cells = [f"{100 * r['success'][t]:.0f} [{100 * r['success_interval'][t][0]:.0f}-{100 * r['success_interval'][t][1]:.0f}]"
-                 for t in tasks] + [f"{100 * r['bench'][b]:.1f}" for b in bench] + [f"{100 * r['vla_score']:.1f}"]
+        lo_hi = lambda t: [round(100 * x) for x in r["success_interval"][t]]
+        cells = ([f"{100 * r['success'][t]:.0f} [{lo_hi(t)[0]}-{lo_hi(t)[1]}]" for t in tasks]
+                 + [f"{100 * r['bench'][b]:.1f}" for b in bench]
+                 + ["–" if r["vla_score"] is None else f"{100 * r['vla_score']:.1f}"])
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     n = first["episodes_per_task"]
     return "\n".join(lines) + f"\n(success: {n} held-out episodes a task, [95 % Wilson interval]; benchmarks: accuracy %)"

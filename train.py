@@ -1386,7 +1386,7 @@ def evaluate_demo(cfg, stages, text_embedder):
             vla_score.main_score(vla_score.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
                                                        text_embedder=text_embedder, image_embedder="pixels",
                                                        out=os.path.join(out, "eval", "vla_score")))
-        except UserError as e:  # e.g. the text embedder's package is not installed: the rest still counts
+        except (UserError, DataError) as e:  # e.g. two arms' actions, which the judge's prompt has no form for
             print(f"{stage}: VLA Score skipped: {e}")
         if not cfg.mm_data:
             mm = benchmarks.evaluate_mm(model, benchmarks.MMConfig(
@@ -1398,7 +1398,7 @@ def evaluate_demo(cfg, stages, text_embedder):
 def write_results(cfg, stages):
     """OUT/results.json (report.demo_results) and its table: what the main job ends with."""
     import report as tables
-    baselines = tabletop.bench_baselines(n=500, seed=cfg.seed + 7)
+    baselines = tabletop.bench_baselines(n=max(100, 10 * cfg.eval_questions), seed=cfg.seed + 7)  # 10x the questions
     results = tables.demo_results(cfg.out, stages, baselines)
     data.atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
     print(f"\nresults ({os.path.join(cfg.out, 'results.json')}):\n" + tables.results_table(results))
