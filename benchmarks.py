@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data import DataError, atomic_write, open_image
+from data import DataError, atomic_write, open_image, read_appended
 from model import DualVLA, UserError
 from vla_score import JudgeAbort, JudgeError
 
@@ -630,21 +630,8 @@ def read_jsonl_records(path, header=None):
     """The records of a file this module appends to (predictions or judgements), for --resume.
     A first-line header must equal `header` (a different run's file is refused, naming the field);
     a torn last line (a killed run) is dropped. Missing file: []."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e}); move it away or drop --resume") from None
     recs = []
-    for n, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if n == len(lines):
-                break
-            raise DataError(f"{path} line {n}: not JSON; move the file away or drop --resume") from None
+    for n, rec in read_appended(path):
         if not isinstance(rec, dict) or (n > 1 or header is None) and "index" not in rec:
             raise DataError(f"{path} line {n}: field 'index' missing; not a file evaluate.py mm wrote")
         recs.append(rec)

@@ -129,6 +129,27 @@ def add_action_chunks(records, chunk):
 
 # ---------------------------------------------------------------------------------------------- files
 
+def read_appended(path):
+    """[(line number, record)] of a JSONL file written a record at a time (predictions, judgements), for
+    --resume: [] when absent; a last line cut short (a killed run) is dropped; another bad line is named."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e}); move it away or drop --resume") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((n, json.loads(line)))
+        except ValueError:
+            if n == len(lines):
+                break
+            raise DataError(f"{path} line {n}: not JSON; move the file away or drop --resume") from None
+    return out
+
+
 def atomic_write(path, content, binary=False):
     """Write `content` (str/bytes, or a function of the open file) through a temporary name and
     os.replace, so a crash never leaves a half-written file."""

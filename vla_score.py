@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from data import REASONING_TAGS, DataError, atomic_write, open_image, reasoning_text
+from data import REASONING_TAGS, DataError, atomic_write, open_image, read_appended, reasoning_text
 from model import UserError
 
 
@@ -864,19 +864,7 @@ def read_scores(path, episodes):
     ones and episodes no longer among the rollouts are dropped (judged again), as is a torn last line
     (a killed run)."""
     done = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return done
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e}); move it away or drop --resume") from None
-    for n, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if n == len(lines):
-                break
-            raise DataError(f"{path} line {n}: not JSON; move the file away or drop --resume") from None
+    for n, rec in read_appended(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("episode"), str):
             raise DataError(f"{path} line {n}: field 'episode' missing; not a file vla-score wrote")
         if not rec.get("failed", True) and rec["episode"] in episodes:
