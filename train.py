@@ -555,22 +555,23 @@ def backbone_path(cfg, ctx):
                   f"({report['heldout_loss_shuffled']:.3f} with shuffled images)")
         barrier(ctx)
         return path
-    path = os.path.join(cfg.out, "tiny")
-    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # written last
-        print(f"tiny backbone: building a random tiny Qwen2.5-VL in {path}")
-        build_tiny(path, seed=cfg.seed)
-    barrier(ctx)
-    return path
+    return random_tiny(build_tiny, os.path.join(cfg.out, "tiny"), "tiny backbone: building a random tiny Qwen2.5-VL",
+                       cfg, ctx)
 
 
 def head_vision_path(cfg, ctx):
     """--head-vision, or for the "dit" expert a random tiny DINOv2 under OUT/tiny_vision (built once)."""
     if cfg.head_vision or cfg.action_expert != "dit":
         return cfg.head_vision
-    path = os.path.join(cfg.out, "tiny_vision")
-    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # written last
-        print(f"tiny head vision: building a random tiny DINOv2 in {path}")
-        build_tiny_vision(path, seed=cfg.seed)
+    return random_tiny(build_tiny_vision, os.path.join(cfg.out, "tiny_vision"),
+                       "tiny head vision: building a random tiny DINOv2", cfg, ctx)
+
+
+def random_tiny(build, path, say, cfg, ctx):
+    """A random tiny model folder built once by rank 0 (its image processor is written last), then shared."""
+    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        print(f"{say} in {path}")
+        build(path, seed=cfg.seed)
     barrier(ctx)
     return path
 
