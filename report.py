@@ -1,5 +1,6 @@
-"""The tabletop miniature's tables and plots: the paper's Tables 2, 5, 6/7/8 and its multimodal average
-(Sec. 4) over seeds, from the run folders `train.py --stage all --ablations` writes.
+"""The tabletop miniature's results: the demo's evaluation of each trained model and the table the main job
+ends with (train.py), and the paper's Tables 2, 5, 6/7/8 and its multimodal average (Sec. 4) over seeds,
+from the run folders `train.py --stage all --ablations` writes.
 
     python evaluate.py table --runs OUT1 OUT2 OUT3 --out report.md
 """
@@ -10,8 +11,112 @@ import os
 import numpy as np
 from PIL import Image
 
-from data import atomic_write
+import tabletop
+from data import DataError, atomic_write
 from model import UserError
+
+
+# ============================================================================= the demo's evaluation (train.py)
+
+DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo's held-out benchmarks
+
+
+def eval_commands(cfg, stage):
+    """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
+    ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
+    env = "simplerenv" if cfg.data else f"tabletop --state --exec-horizon {eval_horizon(cfg)}"  # acts on its state too
+    if cfg.data and cfg.preset == "paper":  # the base model's SimplerEnv execution (InstructVLA's policies)
+        env += " --ensemble adaptive --sticky-repeat 10 --gripper-fix"
+    bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
+    return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
+            + (" --no-reason" if stage == "specialist" else ""),
+            f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
+
+
+def eval_horizon(cfg):
+    """Actions executed per predicted chunk in the tabletop evaluation: half of a 16-action chunk, all of a shorter one."""
+    return min(8, cfg.chunk or 16)
+
+
+def demo_kb(cfg, evaluate, vla_score):
+    """The demo's VLA Score knowledge base: the expert's rollouts on held-out seeds, oracle-scored (cached)."""
+    kb = os.path.join(cfg.out, "data", "kb.jsonl")
+    if not os.path.isfile(kb):
+        rollouts = os.path.join(cfg.out, "data", "kb_rollouts")
+        evaluate.run_sim(evaluate.SimConfig(env="tabletop", policy="expert", episodes=4, seed=900, out=rollouts))
+        vla_score.build_kb(rollouts, kb)
+    return kb
+
+
+def evaluate_demo(cfg, stages, text_embedder):
+    """The demo's evaluation of each trained model (--stage all, and --stage distill on the embedded default):
+    evaluate.py's sim (tabletop), the open-loop check, the VLA Score with the oracle judge (the tiny backbone's
+    text states retrieve the few-shot examples: offline, no extra package) and mm (the demo's TSVs).
+    An evaluation already written is kept unless --overwrite."""
+    try:
+        import benchmarks
+        import evaluate
+        import vla_score
+    except ImportError:
+        print("evaluate.py not found: skipping the evaluation; run evaluate.py on the models above later")
+        return
+    if cfg.data:
+        print("--data is not the tabletop demo: evaluate with SimplerEnv on a GPU (the commands below)")
+        return
+    kb = demo_kb(cfg, evaluate, vla_score)
+    for stage in stages:
+        ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
+        written = ("sim/sim_results.json", "open_loop.json", "vla_score/summary.json") + \
+            (() if cfg.mm_data else ("mm/summary.json",))
+        if not cfg.overwrite and all(os.path.isfile(os.path.join(out, "eval", f)) for f in written):  # in this order
+            print(f"{stage}: already evaluated in {out}/eval")
+            continue
+        sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
+                                                  out=os.path.join(out, "eval", "sim"),
+                                                  exec_horizon=eval_horizon(cfg), state=True, reason=stage != "specialist"))
+        print(f"{stage}: tabletop success " + ", ".join(
+            f"{t} {r['successes']}/{r['episodes']} ({r['interval'][0]:.0f}-{r['interval'][1]:.0f} % at 95 %)"
+            for t, r in sim["per_task"].items()))
+        model = evaluate.load_policy_model(ckpt)  # once, for the open-loop check and the benchmarks
+        loop = evaluate.open_loop_agreement(model, episodes=cfg.eval_episodes, reason=stage != "specialist")
+        atomic_write(os.path.join(out, "eval", "open_loop.json"), json.dumps(loop, indent=1))
+        print(f"{stage}: open-loop agreement with the expert: direction {loop['direction']:.3f}, "
+              f"gripper {loop['gripper']:.3f}")
+        try:  # VLA Score (Eq. 8) with the oracle judge, the demo's KB as few-shot examples
+            vla_score.main_score(vla_score.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
+                                                       text_embedder=text_embedder, image_embedder="pixels",
+                                                       out=os.path.join(out, "eval", "vla_score")))
+        except (UserError, DataError) as e:  # e.g. two arms' actions, which the judge's prompt has no form for
+            print(f"{stage}: VLA Score skipped: {e}")
+        if not cfg.mm_data:
+            mm = benchmarks.evaluate_mm(model, benchmarks.MMConfig(
+                ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
+                out=out, limit=cfg.eval_questions))
+            print(f"{stage}: demo benchmarks " + json.dumps({k: v.get("score") for k, v in mm["benchmarks"].items()}))
+
+
+def write_results(cfg, stages):
+    """OUT/results.json (demo_results) and its table: what the main job ends with."""
+    baselines = tabletop.bench_baselines(n=max(100, 10 * cfg.eval_questions), seed=cfg.seed + 7)  # 10x the questions
+    results = demo_results(cfg.out, stages, baselines)
+    atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
+    print(f"\nresults ({os.path.join(cfg.out, 'results.json')}):\n" + results_table(results))
+
+
+def print_summary(summaries, cfg, wall, evaluated=False):
+    """The stages' table train.py prints at the end, and the evaluate.py commands when it did not evaluate."""
+    print(f"\n{'stage':<11} {'steps':>6} {'loss first -> last':>20} {'fixed batch before -> after':>28} {'time':>7}  model")
+    for s in summaries:
+        if s["stage"] == "prune":
+            print(f"{'prune':<11} {'':>6} {'':>20} {'':>28} {s['wall_s']:>6.0f}s  {s['model']}")
+            continue
+        fb = s["fixed_batch_loss"]
+        print(f"{s['stage']:<11} {s['steps']:>6} {s['first_loss']:>9.4f} -> {s['last_loss']:<8.4f} "
+              f"{fb[0]:>13.4f} -> {fb[1]:<10.4f} {s['wall_s']:>6.0f}s  {s['model']}")
+    print(f"total wall time {wall:.0f} s")
+    trained = [s["stage"] for s in summaries if s["stage"] != "prune"]
+    if trained and not evaluated:
+        print("next, evaluate:\n  " + "\n  ".join(eval_commands(cfg, trained[-1])))
 
 
 # ============================================================================= the miniature (Sec. 4's tables)

@@ -31,10 +31,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+import backbones
 import benchmarks
+import checkpoint
 import data
 import evaluate
 import prune
+import report
 import tabletop
 import train
 import vla_score as vs
@@ -471,27 +474,27 @@ def test_tiny_vision_cuts_7px_patches_into_16_image_tokens(tiny_path):
 
 
 def test_pretrained_backbone_is_built_once_per_settings(tmp_path, monkeypatch):
-    built, real = [], train.pretrain_tiny
-    monkeypatch.setattr(train, "pretrain_tiny", lambda path, s: built.append(path) or real(path, s))
+    built, real = [], backbones.pretrain_tiny
+    monkeypatch.setattr(backbones, "pretrain_tiny", lambda path, s: built.append(path) or real(path, s))
     ctx = dict(rank=0, world=1)
     cfg = train.stage_config("specialist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
                                                 out=str(tmp_path / "run")))
-    path = train.backbone_path(cfg, ctx)
+    path = backbones.backbone_path(cfg, ctx)
     assert built == [path] and os.path.dirname(path) == str(tmp_path / "bb")
     stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
     report = json.load(open(os.path.join(path, "pretrain.json")))
     assert {"seconds", "loss_first", "loss_last", "heldout_loss", "heldout_loss_shuffled", "image_gap"} <= set(report)
     other_seed = train.stage_config("generalist", dict(backbone_steps=2, backbone_cache=str(tmp_path / "bb"),
                                                        out=str(tmp_path / "run2"), seed=3))
-    assert train.backbone_path(other_seed, ctx) == path and built == [path]     # every stage and seed reuses it
+    assert backbones.backbone_path(other_seed, ctx) == path and built == [path]     # every stage and seed reuses it
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
     model = DualVLA(VLAConfig(backbone=path, image_size=56))                    # a normal backbone folder
     assert model.image_tokens == 16 and model.backbone.config.vision_config.patch_size == 7
     cfg.backbone_steps = 3                                                      # a setting changed: rebuilt beside it
-    new = train.backbone_path(cfg, ctx)
+    new = backbones.backbone_path(cfg, ctx)
     assert new != path and built == [path, new] and os.path.isdir(path)
     cfg.backbone_steps = 0                                                      # 0: the random tiny one under OUT
-    assert train.backbone_path(cfg, ctx) == os.path.join(cfg.out, "tiny") and len(built) == 2
+    assert backbones.backbone_path(cfg, ctx) == os.path.join(cfg.out, "tiny") and len(built) == 2
 
 
 def test_a_bf16_backbone_loads_as_fp32_master_weights(tiny_path, tmp_path):
@@ -3604,7 +3607,7 @@ def test_distill_on_the_demo_evaluates_the_three_models_into_results_json(base_r
         for task, rate in r["success"].items():
             lo, hi = r["success_interval"][task]
             assert rate in (0, 0.5, 1) and 0 <= lo <= rate <= hi <= 1
-        assert set(r["bench"]) == set(r["bench_chance"]) == set(r["bench_text_only"]) == set(train.DEMO_BENCH)
+        assert set(r["bench"]) == set(r["bench_chance"]) == set(r["bench_text_only"]) == set(report.DEMO_BENCH)
         assert all(0 <= v <= 1 for k in ("bench", "bench_chance", "bench_text_only") for v in r[k].values())
         assert r["bench_chance"]["TabletopMCQ"] == 0.25 and r["bench_chance"]["TabletopYN"] == 0.5
         assert 0 <= r["vla_score"] <= 1
@@ -3643,9 +3646,9 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
         assert os.path.isdir(os.path.join(run, "pruned")) == (kind == "prune")  # --kd rows share OUT/pruned
         assert not os.path.exists(os.path.join(run, "data"))                     # the demo data is not rewritten
     # the miniature's tables: the same run twice gives std 0 and the stage's own means
-    report = os.path.join(out, "report.md")
-    evaluate.main(["table", "--runs", out, out, "--out", report])
-    text = open(report).read()
+    report_md = os.path.join(out, "report.md")
+    evaluate.main(["table", "--runs", out, out, "--out", report_md])
+    text = open(report_md).read()
     sim = json.load(open(os.path.join(out, "specialist", "eval", "sim", "sim_results.json")))["success"]
     row = next(line for line in text.splitlines() if line.startswith("| specialist |"))
     assert f"| {np.mean(list(sim.values())):.1f} ± 0.0 |" in row
@@ -3691,7 +3694,7 @@ def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
     assert "resuming from" in p.stdout and summary(cut, "specialist")["resumed_at"] >= 8
     assert same(weights(ref), weights(cut))
     assert [m["step"] for m in metrics(cut, "specialist")] == list(range(1, 25))     # no duplicated lines
-    assert len(train.checkpoints(os.path.join(cut, "specialist"))) == 3              # keeps the last K
+    assert len(checkpoint.checkpoints(os.path.join(cut, "specialist"))) == 3              # keeps the last K
     # resuming before the unfreezing (from step 4 of a copy of the reference run) lands there too
     shutil.rmtree(os.path.join(cut, "specialist"))
     shutil.copytree(os.path.join(ref, "specialist", "checkpoints", "step_0000004"),
@@ -3808,7 +3811,7 @@ class Payload:
 def test_a_crafted_pickle_or_a_broken_file_in_a_checkpoint_is_refused(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
     train.main(["--stage", "specialist", "--out", out] + flags(steps=2, ckpt_every=1))
-    ckpts = train.checkpoints(os.path.join(out, "specialist"))
+    ckpts = checkpoint.checkpoints(os.path.join(out, "specialist"))
     ran = tmp_path / "code_ran"
     torch.save(dict(model=Payload(str(ran)), optimizer={}), os.path.join(ckpts[1], "state.pt"))
     resume = ["--stage", "specialist", "--out", out, "--resume"] + flags(steps=3, ckpt_every=1)
@@ -3892,7 +3895,7 @@ def broken_model(path, tiny_path):
 def full_disk(monkeypatch):
     """A checkpoint's state.pt written to /dev/full: a real ENOSPC from the write."""
     real = open
-    monkeypatch.setattr(train, "open", lambda p, *a, **k: real("/dev/full" if str(p).endswith("state.pt") else p,
+    monkeypatch.setattr(checkpoint, "open", lambda p, *a, **k: real("/dev/full" if str(p).endswith("state.pt") else p,
                                                                   *a, **k), raising=False)
 
 
@@ -4001,15 +4004,15 @@ def test_presets_and_flags():
     spec, gen = (train.stage_config(s, {"preset": "paper", "data": "bridge"}) for s in ("specialist", "generalist"))
     assert (spec.action_expert, spec.lora_rank, spec.flow_time, spec.flow_sigma_min, spec.freeze_action_head) == \
         ("dit", 128, "beta", 1e-3, False) and gen.freeze_action_head and paper.freeze_action_head
-    assert "--env simplerenv --ensemble adaptive --sticky-repeat 10 --gripper-fix" in train.eval_commands(gen, "generalist")[0]
+    assert "--env simplerenv --ensemble adaptive --sticky-repeat 10 --gripper-fix" in report.eval_commands(gen, "generalist")[0]
     demo = train.stage_config("specialist", {"steps": 7})
     assert demo.steps == 7 and demo.freeze_vlm_steps > 0 and demo.out == os.path.join("runs", "demo")
     assert (demo.action_expert, demo.lora_rank, demo.freeze_action_head) == ("cnn", 0, False)
-    assert "--ensemble" not in train.eval_commands(train.stage_config("specialist", {"data": "bridge"}), "specialist")[0]
+    assert "--ensemble" not in report.eval_commands(train.stage_config("specialist", {"data": "bridge"}), "specialist")[0]
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     mini = train.stage_config("specialist", {"preset": "mini"})
     assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
-    assert (demo.chunk, demo.demo_hold, demo.eval_episodes, train.eval_horizon(demo)) == (4, 3, 50, 4)
+    assert (demo.chunk, demo.demo_hold, demo.eval_episodes, report.eval_horizon(demo)) == (4, 3, 50, 4)
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
     with pytest.raises(UserError, match="DDP"):

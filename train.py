@@ -29,10 +29,7 @@ import inspect
 import json
 import math
 import os
-import pickle
-import random
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -43,27 +40,24 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
 import prune
+import report
 import tabletop
+from backbones import backbone_path, head_vision_path
+from checkpoint import (all_sum, barrier, check_run_folder, checkpoints, first_line, load_json, logged_step,
+                        read_checkpoint, restore_checkpoint, save_checkpoint, save_final, set_rng_states,
+                        setup_distributed, start_stage_dir, unwrap, wrap)
 from data import DataError
 from distill import KD_MODES, check_teachers, dual_teacher_loss
-from model import (ACT, QUERY, DualVLA, UserError, VLAConfig, attention_implementation, build_tiny, build_tiny_vision,
-                   sample_flow_time, text_target_mask, tiny_backbone)
+from model import ACT, QUERY, DualVLA, UserError, VLAConfig, attention_implementation, sample_flow_time, text_target_mask
 
 STAGES = ("specialist", "generalist", "prune", "distill", "all")
 PAPER_BACKBONE = "Qwen/Qwen2.5-VL-3B-Instruct"
 PAPER_HEAD_VISION = "facebook/dinov2-with-registers-large"
-DEMO_BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")  # tabletop.write_demo's held-out benchmarks
 
 
 @dataclass
@@ -445,137 +439,6 @@ def checkpoint_head(path, cfg):
                         f"(--action-head); pick the matching head or another --out")
 
 
-def tiny_settings(cfg):
-    """Everything the pretrained tiny backbone depends on: its folder is named by their hash. One fixed seed:
-    every run and seed with these settings starts from the same backbone, as every paper run starts from Qwen."""
-    return dict(tiny=dict(patch=7, vision_hidden=32, vision_depth=2, hidden=64, layers=2), seed=0,
-                steps=cfg.backbone_steps, batch_size=16, lr=3e-3, cell_weight=1.0, image_size=cfg.image_size,
-                render_size=64, pool=min(3000, 16 * cfg.backbone_steps))   # distinct samples: half captions, half QA
-
-
-def pretrain_tiny(path, s):
-    """The demo's stand-in for a VLM's web pretraining: the tiny Qwen2.5-VL trained on tabletop renders with
-    dense captions (every object, its position, the gripper) and balanced questions in the demo benchmarks'
-    formats, whose answers the text alone cannot give (Eq. 3's lm loss on answers only). Writes a normal
-    backbone folder (save_pretrained) with settings.json and pretrain.json: the loss, the build time and the
-    held-out answer loss with true and with shuffled images (the gap says the model reads the image)."""
-    t0, c0 = time.time(), time.process_time()
-    backbone, tok, image_processor = tiny_backbone(**s["tiny"], seed=s["seed"])
-    side = s["image_size"] ** 2  # every image on the robot frames' grid, the one cell_targets labels
-    model = DualVLA(VLAConfig(backbone=path, image_size=s["image_size"], min_pixels=side, max_pixels=side),
-                    backbone, tok, image_processor)
-    pool = (tabletop.caption_samples(s["seed"], s["pool"] // 2, s["render_size"])
-            + tabletop.qa_samples(s["seed"] + 1, s["pool"] - s["pool"] // 2, s["render_size"]))
-    held = tabletop.caption_samples(s["seed"] + 2, 64, s["render_size"]) + tabletop.qa_samples(s["seed"] + 3, 96,
-                                                                                               s["render_size"])
-    probe = torch.nn.Linear(backbone.config.vision_config.out_hidden_size, sum(CELL_CLASSES))
-    params = list(backbone.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
-    rng, losses = np.random.default_rng(s["seed"]), []
-    grid = int(model.image_tokens ** 0.5)
-    for _ in tqdm(range(s["steps"]), desc="pretraining the tiny backbone", disable=None, leave=False):
-        records = [pool[i] for i in rng.choice(len(pool), s["batch_size"], replace=False)]
-        batch = model.make_batch(records)
-        lm = model(batch)["lm_loss"]
-        tokens = backbone.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-        logits = probe(tokens).split(CELL_CLASSES, dim=-1)                     # (B·grid², classes) each
-        targets = cell_targets([r["scene"] for r in records], grid)              # (B·grid², 3)
-        loss = lm + s["cell_weight"] * sum(F.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(lm.item())
-    shuffled = [dict(r, image=q["image"]) for r, q in zip(held, held[1:] + held[:1])]
-    true_loss, shuffled_loss = answer_loss(model, held), answer_loss(model, shuffled)
-    tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for part in (backbone, tok, image_processor):
-        part.save_pretrained(tmp)
-    report = dict(seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1),
-                  loss_first=float(np.mean(losses[:20])),
-                  loss_last=float(np.mean(losses[-20:])), heldout_loss=true_loss, heldout_loss_shuffled=shuffled_loss,
-                  image_gap=shuffled_loss - true_loss)
-    for name, obj in (("settings.json", s), ("pretrain.json", report)):
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=1)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return report
-
-
-CELL_COLOURS, CELL_KINDS = list(tabletop.COLORS) + [""], list(tabletop.SIZES) + [""]
-CELL_CLASSES = (len(CELL_COLOURS), len(CELL_KINDS), 2)   # colour, kind (or none), the gripper is here
-
-
-def cell_targets(layouts, grid):
-    """Per image token (row-major grid x grid cells of the image): the colour and kind of the topmost object
-    whose centre lies in its cell, and whether the gripper does ((N·grid², 3) class indices).
-
-    pretrain_tiny's dense term: a linear probe on the vision tower's tokens predicts these. With only the
-    answers' loss, an ~7 px object is a needle the random tower gives no salient feature; the tiny model then
-    learned no colour of a lone object in 250 steps, and with this term it did (docs/miniature.md)."""
-    out = np.zeros((len(layouts), grid * grid, 3), np.int64)
-    out[..., 0], out[..., 1] = len(CELL_COLOURS) - 1, len(CELL_KINDS) - 1
-    for n, things in enumerate(layouts):
-        for x, y, colour, kind in things:
-            cell = min(int(y * grid), grid - 1) * grid + min(int(x * grid), grid - 1)
-            if kind == "gripper":
-                out[n, cell, 2] = 1
-            else:
-                out[n, cell, :2] = CELL_COLOURS.index(colour), CELL_KINDS.index(kind)
-    return torch.from_numpy(out.reshape(-1, 3))
-
-
-@torch.no_grad()
-def answer_loss(model, records, batch_size=32):
-    """Mean loss per answer token over `records` (multimodal)."""
-    model.eval()
-    total = count = 0
-    for i in range(0, len(records), batch_size):
-        out = model(model.make_batch(records[i:i + batch_size]))
-        total, count = total + float(out["lm_sum"]), count + int(out["lm_count"])
-    model.train()
-    return total / max(count, 1)
-
-
-def backbone_path(cfg, ctx):
-    """--backbone, or the demo's tiny Qwen2.5-VL: with --backbone-steps, pretrained (pretrain_tiny) once per
-    settings under BACKBONE_CACHE/<hash of tiny_settings> and shared by every stage, seed and run; else random
-    under OUT/tiny (built once)."""
-    if cfg.backbone:
-        return cfg.backbone
-    if cfg.backbone_steps:
-        s = tiny_settings(cfg)
-        path = os.path.join(cfg.backbone_cache, f"{zlib.crc32(json.dumps(s, sort_keys=True).encode()):08x}")
-        if ctx["rank"] == 0 and not os.path.isdir(path):   # it appears whole (os.replace)
-            print(f"tiny backbone: pretraining on tabletop captions and QA for {s['steps']} steps in {path}")
-            report = pretrain_tiny(path, s)
-            print(f"tiny backbone: {report['seconds']} s, held-out answer loss {report['heldout_loss']:.3f} "
-                  f"({report['heldout_loss_shuffled']:.3f} with shuffled images)")
-        barrier(ctx)
-        return path
-    return random_tiny(build_tiny, os.path.join(cfg.out, "tiny"), "tiny backbone: building a random tiny Qwen2.5-VL",
-                       cfg, ctx)
-
-
-def head_vision_path(cfg, ctx):
-    """--head-vision, or for the "dit" expert a random tiny DINOv2 under OUT/tiny_vision (built once)."""
-    if cfg.head_vision or cfg.action_expert != "dit":
-        return cfg.head_vision
-    return random_tiny(build_tiny_vision, os.path.join(cfg.out, "tiny_vision"),
-                       "tiny head vision: building a random tiny DINOv2", cfg, ctx)
-
-
-def random_tiny(build, path, say, cfg, ctx):
-    """A random tiny model folder built once by rank 0 (its image processor is written last), then shared."""
-    if ctx["rank"] == 0 and not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        print(f"{say} in {path}")
-        build(path, seed=cfg.seed)
-    barrier(ctx)
-    return path
-
-
 def gripper_dims(width):
     """Entries of an action or state vector left unnormalised (data.action_stats): the gripper, the last of
     each arm's 7 values (x, y, z, roll, pitch, yaw, gripper), so (6,) for one arm and (6, 13) for two. A
@@ -704,214 +567,6 @@ def set_vlm_trainable(model, trainable, cfg):
     model.queries.requires_grad_(trainable)
     if model.head is not None:
         model.head.requires_grad_(not (cfg.freeze_action_head and cfg.stage != "specialist"))
-
-
-def wrap(model, cfg, ctx):
-    """DDP, or FSDP2 with one shard group per decoder layer and vision block, under torchrun."""
-    if ctx["world"] == 1:
-        return model
-    if cfg.fsdp:
-        mesh = init_device_mesh(ctx["device"].type, (ctx["world"],))
-        inner = model.backbone.model
-        for block in list(inner.language_model.layers) + list(inner.visual.blocks):
-            fully_shard(block, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
-    return DistributedDataParallel(model)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-# ----------------------------------------------------------------------------- distributed and checkpoints
-
-def setup_distributed(cfg):
-    """rank/world/device from torchrun's environment; a single process otherwise."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return dict(rank=rank, world=world, device=device)
-
-
-def barrier(ctx):
-    if ctx["world"] > 1:
-        dist.barrier()
-
-
-def all_sum(x, ctx):
-    if ctx["world"] == 1:
-        return x
-    y = x.to(ctx["device"])  # NCCL reduces GPU tensors only
-    dist.all_reduce(y)
-    return y.cpu()
-
-
-def checkpoints(stage_dir):
-    """Complete resumable checkpoints of a stage, oldest first (a .tmp folder is a write cut short)."""
-    root = os.path.join(stage_dir, "checkpoints")
-    names = [n for n in os.listdir(root) if re.fullmatch(r"step_\d+", n)] if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in sorted(names)]
-
-
-def rng_states():
-    """Tensors and plain values only, so a checkpoint loads with torch.load(weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), python=random.getstate(),
-                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss,
-                           cached_gaussian=cached),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def save_checkpoint(model, opt, step, stage_dir, cfg, ctx):
-    """OUT/<stage>/checkpoints/step_N: model, optimizer, per-rank RNG states, step and data position.
-
-    Written to step_N.tmp and renamed, so a kill mid-write leaves the previous checkpoint intact.
-    """
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    inner, msd, osd = unwrap(model), None, None
-    if cfg.fsdp or ctx["rank"] == 0:  # a collective under FSDP; DDP's replicas are all the same
-        msd, osd = get_model_state_dict(inner, options=opts), get_optimizer_state_dict(inner, opt, options=opts)
-    path = os.path.join(stage_dir, "checkpoints", f"step_{step:07d}")
-    tmp = path + ".tmp"
-    if ctx["rank"] == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch_save(dict(model=msd, optimizer=osd), os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "progress.json"), "w") as f:
-            json.dump(dict(step=step, data_position=step * cfg.grad_accum, world=ctx["world"]), f)
-    barrier(ctx)
-    torch_save(rng_states(), os.path.join(tmp, f"rng_rank{ctx['rank']}.pt"))
-    barrier(ctx)
-    if ctx["rank"] == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        for old in checkpoints(stage_dir)[:-cfg.keep_ckpts]:
-            shutil.rmtree(old)
-    barrier(ctx)
-    return path
-
-
-def torch_save(obj, path):
-    """torch.save through an open file: a full disk then raises OSError ENOSPC naming the file (saving to a path
-    reports only "unexpected pos ...")."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, path) from None
-
-
-def read_checkpoint(path, cfg, ctx):
-    """A checkpoint's progress, model and optimizer state and this rank's RNG states, each file loaded with
-    torch.load(weights_only=True) or as JSON: a crafted pickle is refused, never run. UserError naming the
-    broken file and the newest intact checkpoint before it."""
-    bcast = cfg.fsdp and ctx["world"] > 1  # FSDP: rank 0 reads the state, the others receive their shards
-    try:
-        return load_checkpoint(path, ctx["rank"], state=ctx["rank"] == 0 or not bcast)
-    except UserError as e:
-        older = [p for p in checkpoints(os.path.dirname(os.path.dirname(path))) if p < path]
-        intact = next((p for p in reversed(older) if checkpoint_loads(p, ctx["rank"])), None)
-        raise UserError(f"{e}; newest intact checkpoint: " + (f"{intact} (delete {path} to resume from it)" if intact
-                        else "none (start again with --overwrite)")) from None
-
-
-def load_checkpoint(path, rank, state=True):
-    """progress.json, state.pt (model and optimizer; empty when not `state`) and rng_rank<rank>.pt."""
-    loaded = {}
-    for key, name in (("progress", "progress.json"), ("state", "state.pt"), ("rng", f"rng_rank{rank}.pt")):
-        file = os.path.join(path, name)
-        if key == "state" and not state:
-            loaded[key] = dict(model={}, optimizer={})
-            continue
-        try:
-            loaded[key] = load_json(file) if name.endswith(".json") else \
-                torch.load(file, map_location="cpu", weights_only=True)
-        except UserError as e:
-            raise UserError(f"{file}: unreadable checkpoint file ({str(e).split(': ', 1)[-1]})") from None
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            raise UserError(f"{file}: unreadable checkpoint file ({first_line(e)})") from None
-    return loaded
-
-
-def checkpoint_loads(path, rank):
-    try:
-        load_checkpoint(path, rank)
-        return True
-    except UserError:
-        return False
-
-
-def first_line(e):
-    """An exception's first line (torch's unpickling errors run to a dozen)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def restore_checkpoint(ckpt, model, opt, cfg, ctx):
-    """Load a read_checkpoint's model and optimizer state into the run; returns its step."""
-    done = ckpt["progress"]
-    if done["world"] != ctx["world"]:
-        raise UserError(f"the checkpoint was written by {done['world']} processes, this run has {ctx['world']}; "
-                        f"resume with the same number (the data order depends on it)")
-    # one set_state_dict for model and optimizer under FSDP deadlocks (FACTS.md)
-    inner = unwrap(model)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=cfg.fsdp and ctx["world"] > 1)
-    set_model_state_dict(inner, ckpt["state"]["model"], options=opts)
-    set_optimizer_state_dict(inner, opt, ckpt["state"]["optimizer"], options=opts)
-    return done["step"]
-
-
-def logged_step(line):
-    """The step of a metrics.jsonl line; a line a kill cut short counts as logged after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def load_json(path):
-    """A JSON object this script wrote (config, summary, progress, prune stats); UserError naming the file when it
-    was cut short or edited into something else."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: unreadable ({first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def set_rng_states(s):
-    n = s["numpy"]
-    torch.set_rng_state(s["torch"])
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(s["python"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_final(model, stage_dir, cfg, ctx, rebuild):
-    """OUT/<stage>/model via DualVLA.save_pretrained (the folder later stages and evaluate.py load)."""
-    path = os.path.join(stage_dir, "model")
-    if cfg.fsdp and ctx["world"] > 1:  # gather the shards, then save an unsharded copy from rank 0
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if ctx["rank"] == 0:
-            plain = rebuild()
-            plain.load_state_dict(sd)
-            plain.save_pretrained(path)
-    elif ctx["rank"] == 0:
-        try:
-            unwrap(model).save_pretrained(path)
-        except SafetensorError as e:  # its I/O errors carry no errno, only the OS's text
-            raise OSError(errno.ENOSPC if "os error 28" in str(e) else errno.EIO, first_line(e), path) from None
-    barrier(ctx)
-    return path
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -1077,23 +732,6 @@ def build_models(cfg, ctx, inputs, robot, cameras):
     return model, teachers, make
 
 
-def start_stage_dir(stage_dir, cfg, ctx, record):
-    """Resume from the newest checkpoint (--resume), or clear what check_run_folder let be replaced; write
-    config.json."""
-    latest = checkpoints(stage_dir)[-1:] if cfg.resume else []
-    if ctx["rank"] == 0:
-        if not latest:
-            shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
-            if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
-                os.remove(os.path.join(stage_dir, "metrics.jsonl"))
-        if os.path.exists(os.path.join(stage_dir, "summary.json")):  # stale until this run finishes
-            os.remove(os.path.join(stage_dir, "summary.json"))
-        os.makedirs(stage_dir, exist_ok=True)
-        data.atomic_write(os.path.join(stage_dir, "config.json"), json.dumps(dict(asdict(cfg), **record), indent=1))
-    barrier(ctx)
-    return latest[0] if latest else None
-
-
 def train(cfg, ctx, inputs):
     """One training stage: data, models, optimizer, the loop, checkpoints, the final model."""
     stage_dir, rank0, t_start = os.path.join(cfg.out, cfg.stage), ctx["rank"] == 0, time.time()
@@ -1219,10 +857,6 @@ def run_prune(cfg, ctx):
 
 # Flags that change no stage's result: a finished run with other values of these still counts as done.
 RUN_ONLY = ("resume", "overwrite", "ablations", "eval_episodes", "eval_questions", "log_every", "prefetch")
-# Flags a resumed run must share with the checkpoint's: they decide the data order and what is learned from.
-RESUME_FIXED = ("data", "mm_data", "mm_images", "pruned_data", "demo_episodes", "demo_qa", "demo_task", "demo_hold",
-                "demo_noise", "cameras", "backbone", "init", "action_teacher", "reasoning_teacher", "batch_size",
-                "grad_accum", "mm_ratio", "seed")
 
 
 def finished(cfg):
@@ -1245,38 +879,6 @@ def finished(cfg):
     flags = json.loads(json.dumps(asdict(cfg)))  # as config.json stores them (tuples become lists)
     same = all(old.get(k) == v for k, v in flags.items() if k not in RUN_ONLY)
     return summary if same and summary.get("steps") == cfg.steps else None
-
-
-def check_run_folder(cfg):
-    """Nothing in OUT is replaced unasked: a stage folder holding another run needs --resume (continue it from
-    its newest checkpoint) or --overwrite; --resume refuses flags that would change its data or batches."""
-    if cfg.stage == "prune":
-        out = os.path.join(cfg.out, "pruned")
-        if cfg.data and os.path.realpath(cfg.data) == os.path.realpath(out):
-            raise UserError(f"--data {cfg.data} is --stage prune's output folder: pruning would overwrite its input; "
-                            f"pick another --out")
-        if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
-            raise UserError(f"{out} holds a prune of other data or another --prune mode; --overwrite replaces it, "
-                            f"or pick another --out")
-        return
-    stage_dir = os.path.join(cfg.out, cfg.stage)
-    held = [n for n in ("metrics.jsonl", "summary.json", "model") if os.path.exists(os.path.join(stage_dir, n))]
-    ckpts = checkpoints(stage_dir)
-    if cfg.overwrite or not (held or ckpts):
-        return
-    if not cfg.resume:
-        raise UserError(f"{stage_dir} holds a {cfg.stage} run with other flags or unfinished; --resume continues it, "
-                        f"--overwrite replaces it, or pick another --out")
-    if not ckpts and "model" in held:
-        raise UserError(f"{stage_dir} holds a trained model but no checkpoint to resume from; --overwrite replaces it")
-    config = os.path.join(stage_dir, "config.json")
-    old = load_json(config) if ckpts and os.path.isfile(config) else {}
-    flags = json.loads(json.dumps(asdict(cfg)))
-    changed = [k for k in RESUME_FIXED if k in old and old[k] != flags[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--resume: --{k.replace('_', '-')} is {flags[k]!r}, the run in {stage_dir} used {old[k]!r}; "
-                        f"resume with the same value, or --overwrite to start again")
 
 
 def run_stage(stage, explicit, ctx):
@@ -1322,104 +924,6 @@ def ablation_runs(cfg, explicit, ctx):
             for name, flags in runs]
 
 
-def eval_commands(cfg, stage):
-    """evaluate.py's sim and mm commands for a stage's model: the tabletop demo's, or the paper's."""
-    ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)
-    env = "simplerenv" if cfg.data else f"tabletop --state --exec-horizon {eval_horizon(cfg)}"  # acts on its state too
-    if cfg.data and cfg.preset == "paper":  # the base model's SimplerEnv execution (InstructVLA's policies)
-        env += " --ensemble adaptive --sticky-repeat 10 --gripper-fix"
-    bench = "" if cfg.mm_data else f" --bench {','.join(DEMO_BENCH)} --data-root {cfg.out}/data/LMUData"
-    return (f"python evaluate.py sim --env {env} --ckpt {ckpt} --out {out}/eval/sim"
-            + (" --no-reason" if stage == "specialist" else ""),
-            f"python evaluate.py mm --ckpt {ckpt}{bench} --out {out}")
-
-
-def eval_horizon(cfg):
-    """Actions executed per predicted chunk in the tabletop evaluation: half of a 16-action chunk, all of a shorter one."""
-    return min(8, cfg.chunk or 16)
-
-
-def demo_kb(cfg, evaluate, vla_score):
-    """The demo's VLA Score knowledge base: the expert's rollouts on held-out seeds, oracle-scored (cached)."""
-    kb = os.path.join(cfg.out, "data", "kb.jsonl")
-    if not os.path.isfile(kb):
-        rollouts = os.path.join(cfg.out, "data", "kb_rollouts")
-        evaluate.run_sim(evaluate.SimConfig(env="tabletop", policy="expert", episodes=4, seed=900, out=rollouts))
-        vla_score.build_kb(rollouts, kb)
-    return kb
-
-
-def evaluate_demo(cfg, stages, text_embedder):
-    """The demo's evaluation of each trained model (--stage all, and --stage distill on the embedded default):
-    evaluate.py's sim (tabletop), the open-loop check, the VLA Score with the oracle judge (the tiny backbone's
-    text states retrieve the few-shot examples: offline, no extra package) and mm (the demo's TSVs).
-    An evaluation already written is kept unless --overwrite."""
-    try:
-        import benchmarks
-        import evaluate
-        import vla_score
-    except ImportError:
-        print("evaluate.py not found: skipping the evaluation; run evaluate.py on the models above later")
-        return
-    if cfg.data:
-        print("--data is not the tabletop demo: evaluate with SimplerEnv on a GPU (the commands below)")
-        return
-    kb = demo_kb(cfg, evaluate, vla_score)
-    for stage in stages:
-        ckpt, out = os.path.join(cfg.out, stage, "model"), os.path.join(cfg.out, stage)  # -> OUT/<stage>/eval/
-        written = ("sim/sim_results.json", "open_loop.json", "vla_score/summary.json") + \
-            (() if cfg.mm_data else ("mm/summary.json",))
-        if not cfg.overwrite and all(os.path.isfile(os.path.join(out, "eval", f)) for f in written):  # in this order
-            print(f"{stage}: already evaluated in {out}/eval")
-            continue
-        sim = evaluate.run_sim(evaluate.SimConfig(env="tabletop", ckpt=ckpt, episodes=cfg.eval_episodes,
-                                                  out=os.path.join(out, "eval", "sim"),
-                                                  exec_horizon=eval_horizon(cfg), state=True, reason=stage != "specialist"))
-        print(f"{stage}: tabletop success " + ", ".join(
-            f"{t} {r['successes']}/{r['episodes']} ({r['interval'][0]:.0f}-{r['interval'][1]:.0f} % at 95 %)"
-            for t, r in sim["per_task"].items()))
-        model = evaluate.load_policy_model(ckpt)  # once, for the open-loop check and the benchmarks
-        loop = evaluate.open_loop_agreement(model, episodes=cfg.eval_episodes, reason=stage != "specialist")
-        data.atomic_write(os.path.join(out, "eval", "open_loop.json"), json.dumps(loop, indent=1))
-        print(f"{stage}: open-loop agreement with the expert: direction {loop['direction']:.3f}, "
-              f"gripper {loop['gripper']:.3f}")
-        try:  # VLA Score (Eq. 8) with the oracle judge, the demo's KB as few-shot examples
-            vla_score.main_score(vla_score.ScoreConfig(rollouts=os.path.join(out, "eval", "sim"), kb=kb, judge="oracle",
-                                                       text_embedder=text_embedder, image_embedder="pixels",
-                                                       out=os.path.join(out, "eval", "vla_score")))
-        except (UserError, DataError) as e:  # e.g. two arms' actions, which the judge's prompt has no form for
-            print(f"{stage}: VLA Score skipped: {e}")
-        if not cfg.mm_data:
-            mm = benchmarks.evaluate_mm(model, benchmarks.MMConfig(
-                ckpt=ckpt, bench=",".join(DEMO_BENCH), data_root=os.path.join(cfg.out, "data", "LMUData"),
-                out=out, limit=cfg.eval_questions))
-            print(f"{stage}: demo benchmarks " + json.dumps({k: v.get("score") for k, v in mm["benchmarks"].items()}))
-
-
-def write_results(cfg, stages):
-    """OUT/results.json (report.demo_results) and its table: what the main job ends with."""
-    import report as tables
-    baselines = tabletop.bench_baselines(n=max(100, 10 * cfg.eval_questions), seed=cfg.seed + 7)  # 10x the questions
-    results = tables.demo_results(cfg.out, stages, baselines)
-    data.atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
-    print(f"\nresults ({os.path.join(cfg.out, 'results.json')}):\n" + tables.results_table(results))
-
-
-def report(summaries, cfg, wall, evaluated=False):
-    print(f"\n{'stage':<11} {'steps':>6} {'loss first -> last':>20} {'fixed batch before -> after':>28} {'time':>7}  model")
-    for s in summaries:
-        if s["stage"] == "prune":
-            print(f"{'prune':<11} {'':>6} {'':>20} {'':>28} {s['wall_s']:>6.0f}s  {s['model']}")
-            continue
-        fb = s["fixed_batch_loss"]
-        print(f"{s['stage']:<11} {s['steps']:>6} {s['first_loss']:>9.4f} -> {s['last_loss']:<8.4f} "
-              f"{fb[0]:>13.4f} -> {fb[1]:<10.4f} {s['wall_s']:>6.0f}s  {s['model']}")
-    print(f"total wall time {wall:.0f} s")
-    trained = [s["stage"] for s in summaries if s["stage"] != "prune"]
-    if trained and not evaluated:
-        print("next, evaluate:\n  " + "\n  ".join(eval_commands(cfg, trained[-1])))
-
-
 def main(argv=None):
     t0 = time.time()
     try:
@@ -1444,10 +948,10 @@ def main(argv=None):
                 if cfg.stage == "distill" and not cfg.data else []
         if ctx["rank"] == 0:
             if evaluated and not cfg.data:
-                evaluate_demo(cfg, evaluated, backbone_path(cfg, ctx))
-            report(summaries, cfg, time.time() - t0, evaluated and not cfg.data)
+                report.evaluate_demo(cfg, evaluated, backbone_path(cfg, ctx))
+            report.print_summary(summaries, cfg, time.time() - t0, evaluated and not cfg.data)
             if evaluated and not cfg.data and not cfg.mm_data:
-                write_results(cfg, evaluated[:3])
+                report.write_results(cfg, evaluated[:3])
     except (UserError, DataError, FloatingPointError, OSError) as e:  # raised alike on every rank
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {one_line(e)}", file=sys.stderr)
