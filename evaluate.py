@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 import tabletop
 from benchmarks import add_mm_args, main_mm
-from data import DataError, atomic_write, lerobot_state
+from data import DataError, atomic_write
+from lerobot_format import lerobot_state
 from model import DualVLA, UserError
 from report import loss_curves_png, miniature_tables
 from vla_score import add_judge_args, add_score_args, main_score, make_judge
@@ -111,7 +112,7 @@ LEROBOT_STATE_NAMES = {"widowx": ["x", "y", "z", "roll", "pitch", "yaw", "pad", 
 
 
 def simpler_state(obs, robot):
-    """The training state of a SimplerEnv observation: what data.lerobot_state gives for the LeRobot row
+    """The training state of a SimplerEnv observation: what lerobot_format.lerobot_state gives for the LeRobot row
     (Bridge / Fractal conversion) of the same pose, so the model sees at test the state it trained on.
 
     obs["agent"]["eef_pos"] is (x, y, z, quaternion w-x-y-z, gripper openness 1 = open) in the robot's base

@@ -171,7 +171,7 @@ def step_field(episode, field):
 def frame_features(frames, thumb=PruneConfig.thumb, hist_bins=PruneConfig.hist_bins):
     """Cheap per-frame image features (N, D): per camera, thumb x thumb pooled RGB and a colour histogram.
 
-    A frame is a PIL image, an (H, W, 3) uint8 array, a file path or a data.LazyFrame, or a list of those
+    A frame is a PIL image, an (H, W, 3) uint8 array, a file path or a lerobot_format.LazyFrame, or a list of those
     (one per camera); the cameras' features are concatenated. Values are in [0, 1].
     """
     rows = []

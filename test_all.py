@@ -36,6 +36,7 @@ import benchmarks
 import checkpoint
 import data
 import evaluate
+import lerobot_format
 import prune
 import report
 import tabletop
@@ -1201,7 +1202,7 @@ def test_lerobot_lazy_frames_decode_to_the_eager_ones(tmp_path, version, video):
     eager, lazy = data.read_lerobot(root), data.read_lerobot(root, load_images=False)
     for a, b in zip(eager, lazy):
         for sa, sb in zip(a["steps"], b["steps"]):
-            assert all(isinstance(x, data.LazyFrame) for x in sb["image"])
+            assert all(isinstance(x, lerobot_format.LazyFrame) for x in sb["image"])
             for x, y in zip(sa["image"], sb["image"]):
                 assert np.array_equal(np.asarray(x), np.asarray(data.open_image(y)))
     recs = data.episode_records(lazy)    # a pruned copy written from references holds real PNGs
@@ -1331,7 +1332,7 @@ def test_export_lerobot_reads_back_the_episode_folder(tmp_path, version, video):
 def test_write_lerobot_v3_starts_a_new_file_past_the_size_limit(tmp_path, monkeypatch, video):
     if video:
         optional("av")
-    monkeypatch.setattr(data, "LEROBOT_FILE_MB", 1e-4)                        # every episode passes it
+    monkeypatch.setattr(lerobot_format, "LEROBOT_FILE_MB", 1e-4)                        # every episode passes it
     root = tmp_path / "ds"
     truth, tasks = lerobot_set(root, "v3.0", video)
     assert len(list(root.glob("data/chunk-000/file-*.parquet"))) == 2
@@ -2180,7 +2181,7 @@ def test_simpler_state_is_the_lerobot_state_of_the_same_pose():
     np.testing.assert_allclose(evaluate.simpler_state(simpler_obs(np.r_[0.3, -0.05, 0.12, q_tool, 0.9]), "widowx"),
                                expected, atol=1e-6)
     bridge_row = [[0.3, -0.05, 0.12, 0.0, 0.0, 0.5, 0.0, 0.9]]  # x y z roll pitch yaw pad gripper (openness)
-    np.testing.assert_allclose(data.lerobot_state(bridge_row, STATE_NAMES, "widowx")[0], expected, atol=1e-6)
+    np.testing.assert_allclose(lerobot_format.lerobot_state(bridge_row, STATE_NAMES, "widowx")[0], expected, atol=1e-6)
     # Google robot: roll 0.1, pitch -0.2, yaw 0.4, gripper 80 % open; Fractal stores the quaternion x-y-z-w and
     # RT-1's closedness (0.2)
     q = euler_to_quat(0.1, -0.2, 0.4)
@@ -2189,7 +2190,7 @@ def test_simpler_state_is_the_lerobot_state_of_the_same_pose():
     np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot_static"), expected, atol=1e-6)
     np.testing.assert_allclose(evaluate.simpler_state(obs, "google_robot"), expected, atol=1e-6)
     fractal_row = [np.r_[0.6, 0.1, 0.9, q[1:], q[0], 0.2]]
-    np.testing.assert_allclose(data.lerobot_state(fractal_row, FRACTAL_STATE_NAMES, "google_robot")[0], expected,
+    np.testing.assert_allclose(lerobot_format.lerobot_state(fractal_row, FRACTAL_STATE_NAMES, "google_robot")[0], expected,
                                atol=1e-6)
     with pytest.raises(UserError, match="no SimplerEnv state layout for robot 'franka'"):
         evaluate.simpler_state(obs, "franka")
