@@ -83,7 +83,7 @@ def pretrain_tiny(path, s):
     params = list(backbone.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0)
     rng, losses = np.random.default_rng(s["seed"]), []
-    grid = int(model.image_tokens ** 0.5)
+    grid = int(model.prompter.image_tokens ** 0.5)
     for _ in tqdm(range(s["steps"]), desc="pretraining the tiny backbone", disable=None, leave=False):
         records = [pool[i] for i in rng.choice(len(pool), s["batch_size"], replace=False)]
         batch = model.make_batch(records)

@@ -230,7 +230,8 @@ def flow_head_cost(model, robot, cfg):
 def kv_cache(model, robot, cfg):
     """Per-token generation time at 256 new tokens / at 32 (flat with a KV cache, growing without)."""
     model.eval()
-    batch = model._left_padded([model._robot_prompt(robot[0])], model._pixels(model._images(robot[0])))
+    p = model.prompter
+    batch = p.left_padded([p.robot_prompt(robot[0])], p.pixels(p.images(robot[0])))
 
     def gen(n):
         return lambda: model._generate(batch, n, None, min_new_tokens=n)

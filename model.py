@@ -333,28 +333,20 @@ def text_target_mask(batch):
     return (batch["labels"][:, 1:] != -100) & ~batch["action_positions"][:, 1:]
 
 
-class DualVLA(nn.Module):
+class Prompter:
+    """Records -> the backbone's inputs, the sequence in this module's docstring: chat-template token ids, the
+    image processor's pixels, labels (-100 but on the text and action targets) and the masks marking the action
+    tokens and the queries. It adds <|act|>, <|query|> and the action bins to the tokenizer. No weights: DualVLA
+    holds one and builds its training batches (make_batch) and generation prompts through it."""
 
-    def __init__(self, config: VLAConfig, backbone=None, tokenizer=None, image_processor=None, head_vision=None):
-        """`head_vision`: an already built DINOv2 for the "dit" expert (from_pretrained's), else config.head_vision's."""
-        super().__init__()
-        if backbone is None:
-            backbone, tokenizer, image_processor = load_backbone(config.backbone)
-        self.config, self.backbone = config, backbone
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+    def __init__(self, config, tokenizer, image_processor):
+        self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
         bins = [f"<|a_{i}|>" for i in range(config.n_bins)]
         new = [t for t in [ACT, QUERY] + bins if t not in tokenizer.get_vocab()]
         if new:
             tokenizer.add_tokens(new, special_tokens=True)
-        if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # only grow: Qwen has spare rows
-            backbone.resize_token_embeddings(len(tokenizer))
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (ACT, QUERY, IM_END, PAD, IMAGE_PAD)}
         self.bin_ids = torch.tensor(tokenizer.convert_tokens_to_ids(bins))
-        hidden = backbone.config.get_text_config().hidden_size
-        self.queries = nn.Parameter(torch.randn(config.n_queries, hidden) * 0.02)
-        self.head = None if config.action_head != "flow" else (
-            DiTExpert(config, hidden, head_vision) if config.action_expert == "dit" else ActionExpert(config, hidden))
-        self.norm_stats = {}
         # the vision grid: patch 14 × merge 2 = 28 px per image token for Qwen2/2.5-VL, 16 × 2 = 32 for Qwen3-VL
         self.merge = image_processor.merge_size
         self.factor = image_processor.patch_size * self.merge
@@ -364,9 +356,211 @@ class DualVLA(nn.Module):
         self.pixel_bounds = (config.min_pixels or image_processor.size["shortest_edge"],
                              config.max_pixels or image_processor.size["longest_edge"])
         self.image_tokens = (config.image_size // self.factor) ** 2  # per robot frame
+
+    # ---- images
+
+    def images(self, record):
+        """A robot frame's images as RGB PIL images, one per camera of the model."""
+        imgs = record["image"] if isinstance(record["image"], (list, tuple)) else [record["image"]]
+        if len(imgs) != len(self.config.cameras):
+            raise UserError(f"model expects {len(self.config.cameras)} image(s) per frame "
+                            f"({', '.join(self.config.cameras)}), got {len(imgs)}")
+        return [(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).convert("RGB")
+                for im in imgs]
+
+    def pixels(self, images, native=False):
+        """A batch's images through the backbone's image processor -> (pixel_values, image_grid_thw), or None
+        for text only. Robot frames become image_size² (a fixed token count, what the action head trained on);
+        native ones (multimodal samples, benchmark questions: `native` one flag for all or one per image) keep
+        their size within pixel_bounds on the processor's own grid (transformers' smart_resize), as Qwen2-VL
+        reads documents and scene text. One processor call per run of one kind, in order."""
+        if not images:
+            return None, None
+        flags = [native] * len(images) if isinstance(native, bool) else list(native)
+        s, (lo, hi) = self.config.image_size, self.pixel_bounds
+        outs = []
+        for is_native, run in itertools.groupby(zip(flags, images), key=lambda x: x[0]):
+            ims = [im for _, im in run]
+            if is_native:
+                size = {"shortest_edge": lo, "longest_edge": hi}
+            else:
+                ims = [im.resize((s, s), Image.BICUBIC) for im in ims]
+                size = {"shortest_edge": s * s, "longest_edge": s * s}
+            outs.append(self.image_processor(images=ims, size=size, return_tensors="pt"))
+        return torch.cat([o["pixel_values"] for o in outs]), torch.cat([o["image_grid_thw"] for o in outs])
+
+    def token_counts(self, grid):
+        """image_grid_thw (N, 3) -> image tokens per image: its patches merged merge × merge."""
+        return (grid.prod(-1) // self.merge ** 2).tolist()
+
+    def head_pixels(self, images):
+        """The action expert's own view of a frame: (N, 3, s, s) in [-0.5, 0.5], s = head_image_size."""
+        s = self.config.head_image_size
+        arr = np.stack([np.asarray(im.resize((s, s), Image.BILINEAR), np.float32) / 255 - 0.5 for im in images])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2)  # (N, 3, s, s)
+
+    # ---- text
+
+    def prompt_ids(self, tokens, text, names=None):
+        """Chat-template prompt up to 'assistant\\n', with one vision block per image of tokens[k] image tokens."""
+        blocks = [VISION_START + IMAGE_PAD * n + VISION_END for n in tokens]
+        vision = "".join(f"{n}: {b}" for n, b in zip(names, blocks)) if names else "".join(blocks)
+        s = (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{vision}{text}{IM_END}\n"
+             f"{IM_START}assistant\n")
+        return self.tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    def robot_prompt(self, record):
+        """A robot frame's prompt: its cameras' image blocks (named when several) and the instruction."""
+        names = list(self.config.cameras) if len(self.config.cameras) > 1 else None
+        return self.prompt_ids([self.image_tokens] * len(self.config.cameras), self.config.prompt.format(
+            instruction=record["instruction"].strip().rstrip(".").lower()), names)
+
+    def bins(self, actions):
+        """Normalised actions in [-1, 1] -> bin indices (OpenVLA's uniform discretisation)."""
+        return np.clip(((actions + 1) / 2 * self.config.n_bins).astype(int), 0, self.config.n_bins - 1)
+
+    # ---- one sample
+
+    def state(self, record, stats):
+        """A frame's robot state (zeros when it has none), normalised with its robot's q01/q99 `stats` if any."""
+        s = record.get("state")
+        s = np.zeros(self.config.state_dim, np.float32) if s is None else np.asarray(s, np.float32)
+        if s.shape != (self.config.state_dim,):
+            raise UserError(f"state has shape {s.shape}, model expects ({self.config.state_dim},)")
+        return normalize_action(s, stats) if stats else s
+
+    def action_chunk(self, record, stats):
+        """A frame's action chunk (chunk, A), normalised with `stats` if any, and its mask: a lone frame (no
+        data.add_action_chunks) has its own action, the rest of the chunk masked."""
+        cfg = self.config
+        a = record.get("actions")
+        if a is None:
+            a = np.repeat(np.asarray(record["action"], np.float32)[None], cfg.chunk, 0)
+            m = np.arange(cfg.chunk) == 0
+        else:
+            m = np.asarray(record["action_mask"], bool)
+        a = np.asarray(a, np.float32)
+        if a.shape != (cfg.chunk, cfg.action_dim):
+            raise UserError(f"episode {record.get('episode')} step {record.get('step')}: action chunk has "
+                            f"shape {a.shape}, model expects ({cfg.chunk}, {cfg.action_dim})")
+        return (normalize_action(a, stats) if stats else a), m
+
+    def robot_sample(self, record, images, reasoning, stats):
+        """A robot frame -> its sequence (prompt, text target, action tokens, tail) and arrays. Text target: the
+        reasoning r (none with `reasoning=False`, the action teacher's view, or when pruned) and <|act|>; then
+        the chunk as bin tokens (tokens head) or the query tokens the flow head reads. stats: (action, state)."""
+        cfg = self.config
+        r = reasoning_text(record.get("reasoning")) if reasoning else ""
+        target = self.tokenizer(r, add_special_tokens=False)["input_ids"][:cfg.max_reasoning_tokens] if r else []
+        target = target + [self.ids[ACT]]
+        a, m = self.action_chunk(record, stats[0])
+        if cfg.action_head == "flow":
+            act_tokens, tail = [], [self.ids[QUERY]] * cfg.n_queries
+        else:
+            act_tokens, tail = self.bin_ids[self.bins(a.reshape(-1))].tolist(), []
+        arrays = dict(action=a, action_mask=m, state=self.state(record, stats[1]), images=images,
+                      ground=subtask_target(record.get("reasoning"), *images[0].size))  # None: no ECoT boxes
+        return (self.robot_prompt(record), target, act_tokens, tail), arrays
+
+    def answer_sample(self, record, tokens):
+        """A multimodal sample -> its sequence: the question's prompt, the answer and <|im_end|> as text target."""
+        prompt = self.prompt_ids(tokens, record["instruction"])
+        answer = self.tokenizer(reasoning_text(record["reasoning"]), add_special_tokens=False)["input_ids"]
+        return prompt, answer + [self.ids[IM_END]], [], []
+
+    # ---- batches
+
+    def padded(self, seqs):
+        """Sequences (prompt, text target, action tokens, tail) -> right-padded input_ids, attention_mask, labels
+        and action_positions, (B, L) each; labels are -100 but on the text target and the action tokens."""
+        L = max(sum(len(p) for p in s) + (1 if s[2] else 0) for s in seqs)  # +1: <|im_end|> after bins
+        B = len(seqs)
+        input_ids = torch.full((B, L), self.ids[PAD], dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        act_pos = torch.zeros((B, L), dtype=torch.bool)
+        for b, (prompt, target, act_tokens, tail) in enumerate(seqs):
+            ids = prompt + target + act_tokens + ([self.ids[IM_END]] if act_tokens else []) + tail
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            attn[b, :len(ids)] = 1
+            t0 = len(prompt)
+            labels[b, t0:t0 + len(target)] = torch.tensor(target)
+            a0 = t0 + len(target)
+            act_pos[b, a0:a0 + len(act_tokens)] = True
+            if act_tokens:
+                labels[b, a0:a0 + len(act_tokens) + 1] = torch.tensor(act_tokens + [self.ids[IM_END]])
+        return input_ids, attn, labels, act_pos
+
+    def batch(self, records, reasoning, robot_stats):
+        """Records -> right-padded model inputs (DualVLA.make_batch). robot_stats(robot) -> (action, state)
+        statistics: each robot frame is normalised with its own robot's."""
+        per_record = [self.images(rec) if rec["domain"] == "robot" else [im.convert("RGB") for im in (
+            rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])] for rec in records]
+        native = [rec["domain"] != "robot" for rec, imgs in zip(records, per_record) for _ in imgs]
+        pixel_values, grid = self.pixels([im for imgs in per_record for im in imgs], native)
+        counts = iter(self.token_counts(grid) if grid is not None else [])
+        seqs, frames = [], []
+        for rec, imgs in zip(records, per_record):
+            tokens = [next(counts) for _ in imgs]
+            if rec["domain"] == "robot":
+                seq, arrays = self.robot_sample(rec, imgs, reasoning, robot_stats(rec.get("robot")))
+                seqs.append(seq), frames.append(arrays)
+            else:
+                seqs.append(self.answer_sample(rec, tokens))
+        input_ids, attn, labels, act_pos = self.padded(seqs)
+        batch = dict(input_ids=input_ids, attention_mask=attn, labels=labels, pixel_values=pixel_values,
+                     image_grid_thw=grid, mm_token_type_ids=(input_ids == self.ids[IMAGE_PAD]).int(),
+                     query_mask=input_ids == self.ids[QUERY], action_positions=act_pos,
+                     is_robot=torch.tensor([r["domain"] == "robot" for r in records]),
+                     records=records, domain=[r["domain"] for r in records])
+        if frames:
+            stack = lambda key: torch.from_numpy(np.stack([f[key] for f in frames]))
+            batch.update(states=stack("state"), actions=stack("action"), action_mask=stack("action_mask"),
+                         head_pixels=torch.stack([self.head_pixels(f["images"]) for f in frames]),
+                         ground=torch.tensor(np.stack([np.zeros(2, np.float32) if f["ground"] is None else f["ground"]
+                                                       for f in frames])),
+                         ground_mask=torch.tensor([f["ground"] is not None for f in frames]))
+        return batch
+
+    def left_padded(self, prompts, pixels):
+        """Prompt batch, left-padded for generation (new tokens then line up at the right).
+        pixels: (pixel_values, image_grid_thw) of the batch's images, from pixels()."""
+        L = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), L), self.ids[PAD], dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
+        return dict(input_ids=ids, attention_mask=attn, pixel_values=pixels[0], image_grid_thw=pixels[1],
+                    mm_token_type_ids=(ids == self.ids[IMAGE_PAD]).int())
+
+
+class DualVLA(nn.Module):
+    """The backbone, Q learnable action queries θ_q and the action head; a Prompter builds the inputs.
+
+        records ─Prompter─► ids, pixels, masks ─► backbone (query rows = θ_q) ─► hidden states (B, L, H)
+            ├─► lm_head: lm_loss on reasoning, <|act|> and answers (Eq. 3); the tokens head's bins (Eq. 2)
+            └─► flow head: query states + its own image view + robot state ─► flow-matching loss (Eq. 2)
+    """
+
+    def __init__(self, config: VLAConfig, backbone=None, tokenizer=None, image_processor=None, head_vision=None):
+        """`head_vision`: an already built DINOv2 for the "dit" expert (from_pretrained's), else config.head_vision's."""
+        super().__init__()
+        if backbone is None:
+            backbone, tokenizer, image_processor = load_backbone(config.backbone)
+        self.config, self.backbone = config, backbone
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.prompter = Prompter(config, tokenizer, image_processor)  # adds <|act|>, <|query|> and the bins
+        if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:  # only grow: Qwen has spare rows
+            backbone.resize_token_embeddings(len(tokenizer))
+        self.ids, self.bin_ids = self.prompter.ids, self.prompter.bin_ids  # the tokens forward and generation read
+        hidden = backbone.config.get_text_config().hidden_size
+        self.queries = nn.Parameter(torch.randn(config.n_queries, hidden) * 0.02)
+        self.head = None if config.action_head != "flow" else (
+            DiTExpert(config, hidden, head_vision) if config.action_expert == "dit" else ActionExpert(config, hidden))
+        self.norm_stats = {}
         self.ground_weight = 0.0  # weight of the grounding term in forward's loss (train.py's --ground-weight)
 
-    # ---- inputs
+    # ---- statistics and batches
 
     def set_action_stats(self, action_stats, state_stats=None, robot="unknown"):
         """One robot's q01/q99 statistics (data.action_stats) of actions and states; saved with the model.
@@ -389,138 +583,15 @@ class DualVLA(nn.Module):
         stats = self.norm_stats[max(names, key=len)]
         return stats["action"], stats["state"]
 
-    def _images(self, record):
-        imgs = record["image"] if isinstance(record["image"], (list, tuple)) else [record["image"]]
-        if len(imgs) != len(self.config.cameras):
-            raise UserError(f"model expects {len(self.config.cameras)} image(s) per frame "
-                            f"({', '.join(self.config.cameras)}), got {len(imgs)}")
-        return [(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).convert("RGB")
-                for im in imgs]
-
-    def _prompt_ids(self, tokens, text, names=None):
-        """Chat-template prompt up to 'assistant\\n', with one vision block per image of tokens[k] image tokens."""
-        blocks = [VISION_START + IMAGE_PAD * n + VISION_END for n in tokens]
-        vision = "".join(f"{n}: {b}" for n, b in zip(names, blocks)) if names else "".join(blocks)
-        s = (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{vision}{text}{IM_END}\n"
-             f"{IM_START}assistant\n")
-        return self.tokenizer(s, add_special_tokens=False)["input_ids"]
-
-    def _robot_prompt(self, record):
-        names = list(self.config.cameras) if len(self.config.cameras) > 1 else None
-        return self._prompt_ids([self.image_tokens] * len(self.config.cameras), self.config.prompt.format(
-            instruction=record["instruction"].strip().rstrip(".").lower()), names)
-
-    def _state(self, record):
-        s = record.get("state")
-        s = np.zeros(self.config.state_dim, np.float32) if s is None else np.asarray(s, np.float32)
-        if s.shape != (self.config.state_dim,):
-            raise UserError(f"state has shape {s.shape}, model expects ({self.config.state_dim},)")
-        stats = self.robot_stats(record.get("robot"))[1]
-        return normalize_action(s, stats) if stats else s
-
-    def _bins(self, actions):
-        """Normalised actions in [-1, 1] -> bin indices (OpenVLA's uniform discretisation)."""
-        return np.clip(((actions + 1) / 2 * self.config.n_bins).astype(int), 0, self.config.n_bins - 1)
-
-    def _pixels(self, images, native=False):
-        """A batch's images through the backbone's image processor -> (pixel_values, image_grid_thw), or None
-        for text only. Robot frames become image_size² (a fixed token count, what the action head trained on);
-        native ones (multimodal samples, benchmark questions: `native` one flag for all or one per image) keep
-        their size within pixel_bounds on the processor's own grid (transformers' smart_resize), as Qwen2-VL
-        reads documents and scene text. One processor call per run of one kind, in order."""
-        if not images:
-            return None, None
-        flags = [native] * len(images) if isinstance(native, bool) else list(native)
-        s, (lo, hi) = self.config.image_size, self.pixel_bounds
-        outs = []
-        for is_native, run in itertools.groupby(zip(flags, images), key=lambda x: x[0]):
-            ims = [im for _, im in run]
-            if is_native:
-                size = {"shortest_edge": lo, "longest_edge": hi}
-            else:
-                ims = [im.resize((s, s), Image.BICUBIC) for im in ims]
-                size = {"shortest_edge": s * s, "longest_edge": s * s}
-            outs.append(self.image_processor(images=ims, size=size, return_tensors="pt"))
-        return torch.cat([o["pixel_values"] for o in outs]), torch.cat([o["image_grid_thw"] for o in outs])
-
-    def _image_tokens(self, grid):
-        """image_grid_thw (N, 3) -> image tokens per image: its patches merged merge × merge."""
-        return (grid.prod(-1) // self.merge ** 2).tolist()
-
-    def _head_pixels(self, images):
-        s = self.config.head_image_size
-        arr = np.stack([np.asarray(im.resize((s, s), Image.BILINEAR), np.float32) / 255 - 0.5 for im in images])
-        return torch.from_numpy(arr).permute(0, 3, 1, 2)  # (N, 3, s, s)
-
     def make_batch(self, records, reasoning=True):
-        """Records -> right-padded model inputs. `reasoning=False` drops r (the action teacher's view)."""
-        cfg, tok = self.config, self.tokenizer
-        seqs, robot_images, states, actions, amasks, targets = [], [], [], [], [], []
-        per_record = [self._images(rec) if rec["domain"] == "robot" else [im.convert("RGB") for im in (
-            rec["image"] if isinstance(rec["image"], (list, tuple)) else [rec["image"]])] for rec in records]
-        native = [rec["domain"] != "robot" for rec, imgs in zip(records, per_record) for _ in imgs]
-        pixel_values, grid = self._pixels([im for imgs in per_record for im in imgs], native)
-        counts = iter(self._image_tokens(grid) if grid is not None else [])
-        for rec, imgs in zip(records, per_record):
-            tokens = [next(counts) for _ in imgs]
-            if rec["domain"] == "robot":
-                prompt = self._robot_prompt(rec)
-                r = reasoning_text(rec.get("reasoning")) if reasoning else ""
-                target = tok(r, add_special_tokens=False)["input_ids"][:cfg.max_reasoning_tokens] if r else []
-                target = target + [self.ids[ACT]]
-                a = rec.get("actions")
-                if a is None:  # a lone frame: its own action, the rest of the chunk masked
-                    a = np.repeat(np.asarray(rec["action"], np.float32)[None], cfg.chunk, 0)
-                    m = np.arange(cfg.chunk) == 0
-                else:
-                    m = np.asarray(rec["action_mask"], bool)
-                a = np.asarray(a, np.float32)
-                if a.shape != (cfg.chunk, cfg.action_dim):
-                    raise UserError(f"episode {rec.get('episode')} step {rec.get('step')}: action chunk has "
-                                    f"shape {a.shape}, model expects ({cfg.chunk}, {cfg.action_dim})")
-                stats = self.robot_stats(rec.get("robot"))[0]
-                if stats:
-                    a = normalize_action(a, stats)
-                actions.append(a), amasks.append(m), states.append(self._state(rec)), robot_images.append(imgs)
-                targets.append(subtask_target(rec.get("reasoning"), *imgs[0].size))  # None: no ECoT boxes
-                if cfg.action_head == "flow":
-                    tail, act_tokens = [self.ids[QUERY]] * cfg.n_queries, []
-                else:
-                    act_tokens = self.bin_ids[self._bins(a.reshape(-1))].tolist()
-                    tail = []
-                seqs.append((prompt, target, act_tokens, tail))
-            else:
-                prompt = self._prompt_ids(tokens, rec["instruction"])
-                answer = tok(reasoning_text(rec["reasoning"]), add_special_tokens=False)["input_ids"]
-                seqs.append((prompt, answer + [self.ids[IM_END]], [], []))
-        L = max(sum(len(p) for p in s) + (1 if s[2] else 0) for s in seqs)  # +1: <|im_end|> after bins
-        B = len(records)
-        input_ids = torch.full((B, L), self.ids[PAD], dtype=torch.long)
-        labels = torch.full((B, L), -100, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        act_pos = torch.zeros((B, L), dtype=torch.bool)
-        for b, (prompt, target, act_tokens, tail) in enumerate(seqs):
-            ids = prompt + target + act_tokens + ([self.ids[IM_END]] if act_tokens else []) + tail
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            attn[b, :len(ids)] = 1
-            t0 = len(prompt)
-            labels[b, t0:t0 + len(target)] = torch.tensor(target)
-            a0 = t0 + len(target)
-            act_pos[b, a0:a0 + len(act_tokens)] = True
-            if act_tokens:
-                labels[b, a0:a0 + len(act_tokens) + 1] = torch.tensor(act_tokens + [self.ids[IM_END]])
-        robot = torch.tensor([r["domain"] == "robot" for r in records])
-        batch = dict(input_ids=input_ids, attention_mask=attn, labels=labels, pixel_values=pixel_values,
-                     image_grid_thw=grid, mm_token_type_ids=(input_ids == self.ids[IMAGE_PAD]).int(),
-                     query_mask=input_ids == self.ids[QUERY], action_positions=act_pos, is_robot=robot,
-                     records=records, domain=[r["domain"] for r in records])
-        if robot.any():
-            batch.update(states=torch.from_numpy(np.stack(states)), actions=torch.from_numpy(np.stack(actions)),
-                         action_mask=torch.from_numpy(np.stack(amasks)),
-                         head_pixels=torch.stack([self._head_pixels(ims) for ims in robot_images]),
-                         ground=torch.tensor(np.stack([np.zeros(2, np.float32) if t is None else t for t in targets])),
-                         ground_mask=torch.tensor([t is not None for t in targets]))
-        return batch
+        """Records -> right-padded model inputs (Prompter.batch), each robot frame normalised with its robot's
+        statistics. `reasoning=False` drops r (the action teacher's view)."""
+        return self.prompter.batch(records, reasoning, self.robot_stats)
+
+    def to_device(self, batch):
+        """A batch's tensors on the model's device (make_batch builds them on the CPU)."""
+        dev = self.queries.device
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ---- training forward
 
@@ -537,11 +608,6 @@ class DualVLA(nn.Module):
                                   mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False)  # one pass: no KV cache
         return out.last_hidden_state
 
-    def to_device(self, batch):
-        """A batch's tensors on the model's device (make_batch builds them on the CPU)."""
-        dev = self.queries.device
-        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     def forward(self, batch, noise=None, t=None):
         """Eq. 2/3: lm_loss over the text targets, action_loss over the action (CE on bins or flow MSE);
         flow head: plus ground_weight × the grounding term (0 unless train.py's --ground-weight).
@@ -556,39 +622,50 @@ class DualVLA(nn.Module):
         lm_sum = F.cross_entropy(shift_logits[text], shift_labels[text], reduction="sum") if text.any() \
             else logits.sum() * 0
         out = dict(logits=logits, lm_sum=lm_sum, lm_count=text.sum())
-        robot = batch["is_robot"]
-        if not robot.any():
+        if not batch["is_robot"].any():
             out.update(action_sum=lm_sum * 0, action_count=torch.tensor(0))
         elif self.config.action_head == "tokens":
-            pos = batch["action_positions"][:, 1:]
-            n_act = self.config.chunk * self.config.action_dim
-            action_logits = shift_logits[pos][:, self.bin_ids.to(logits.device)].view(-1, n_act, self.config.n_bins)
-            targets = torch.searchsorted(self.bin_ids.to(logits.device), shift_labels[pos]).view(-1, n_act)
-            mask = batch["action_mask"].repeat_interleave(self.config.action_dim, 1)
-            ce = F.cross_entropy(action_logits.transpose(1, 2), targets, reduction="none")
-            out.update(action_logits=action_logits, action_targets=targets,
-                       action_sum=(ce * mask).sum(), action_count=mask.sum())
+            out.update(self.bin_loss(shift_logits, shift_labels, batch))
         else:
-            qs = h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1])  # (Br, Q, H)
-            ctx = self.head.context(qs, batch["head_pixels"], batch["states"])
-            x1 = batch["actions"]
-            noise = torch.randn_like(x1) if noise is None else noise
-            t = sample_flow_time(x1.shape[0], self.config).to(h.device) if t is None else t
-            x_t, velocity = flow_path(x1, noise, t, self.config.flow_sigma_min)
-            pred = self.head(x_t, t, ctx)
-            mask = batch["action_mask"][..., None].float()
-            target = velocity if self.config.flow_target == "velocity" else x1
-            se = ((pred - target) ** 2 * mask).sum()
-            gm = batch["ground_mask"][:, None].float()
-            ground = ((self.head.target_xy(ctx) - batch["ground"]) ** 2 * gm).sum()
-            out.update(flow_pred=pred, noise=noise, t=t, x_t=x_t, action_sum=se,
-                       action_count=mask.sum() * self.config.action_dim, ground_sum=ground, ground_count=gm.sum() * 2)
+            out.update(self.flow_loss(h, batch, noise, t))
         out["lm_loss"] = out["lm_sum"] / out["lm_count"].clamp(min=1)
         out["action_loss"] = out["action_sum"] / out["action_count"].clamp(min=1)
         out["loss"] = out["lm_loss"] + out["action_loss"]
         if "ground_sum" in out:  # not in the paper; at weight 0 it only keeps the probe in the graph (DDP)
             out["loss"] = out["loss"] + self.ground_weight * out["ground_sum"] / out["ground_count"].clamp(min=1)
         return out
+
+    def bin_loss(self, shift_logits, shift_labels, batch):
+        """The tokens head's action term (Eq. 2): cross-entropy over the bins at each action token, summed over
+        the chunk steps the mask keeps."""
+        pos = batch["action_positions"][:, 1:]
+        n_act = self.config.chunk * self.config.action_dim
+        bin_ids = self.bin_ids.to(shift_logits.device)
+        action_logits = shift_logits[pos][:, bin_ids].view(-1, n_act, self.config.n_bins)
+        targets = torch.searchsorted(bin_ids, shift_labels[pos]).view(-1, n_act)
+        mask = batch["action_mask"].repeat_interleave(self.config.action_dim, 1)
+        ce = F.cross_entropy(action_logits.transpose(1, 2), targets, reduction="none")
+        return dict(action_logits=action_logits, action_targets=targets, action_sum=(ce * mask).sum(),
+                    action_count=mask.sum())
+
+    def flow_loss(self, h, batch, noise=None, t=None):
+        """The flow head's action term (Eq. 2): the head's velocity (or clean chunk) at x_t on the flow path from
+        `noise` at time `t` (drawn when None) against the path's, summed over the kept chunk steps; and the
+        grounding probe's squared error."""
+        qs = h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1])  # (Br, Q, H)
+        ctx = self.head.context(qs, batch["head_pixels"], batch["states"])
+        x1 = batch["actions"]
+        noise = torch.randn_like(x1) if noise is None else noise
+        t = sample_flow_time(x1.shape[0], self.config).to(h.device) if t is None else t
+        x_t, velocity = flow_path(x1, noise, t, self.config.flow_sigma_min)
+        pred = self.head(x_t, t, ctx)
+        mask = batch["action_mask"][..., None].float()
+        target = velocity if self.config.flow_target == "velocity" else x1
+        se = ((pred - target) ** 2 * mask).sum()
+        gm = batch["ground_mask"][:, None].float()
+        ground = ((self.head.target_xy(ctx) - batch["ground"]) ** 2 * gm).sum()
+        return dict(flow_pred=pred, noise=noise, t=t, x_t=x_t, action_sum=se,
+                    action_count=mask.sum() * self.config.action_dim, ground_sum=ground, ground_count=gm.sum() * 2)
 
     # ---- inference
 
@@ -601,26 +678,15 @@ class DualVLA(nn.Module):
                                      pad_token_id=self.ids[PAD], logits_processor=logits_processor)
         return out[:, batch["input_ids"].shape[1]:]
 
-    def _left_padded(self, prompts, pixels):
-        """Prompt batch, left-padded for generation (new tokens then line up at the right).
-        pixels: (pixel_values, image_grid_thw) of the batch's images, from _pixels."""
-        L = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), L), self.ids[PAD], dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):
-            ids[b, L - len(p):], attn[b, L - len(p):] = torch.tensor(p), 1
-        return dict(input_ids=ids, attention_mask=attn, pixel_values=pixels[0], image_grid_thw=pixels[1],
-                    mm_token_type_ids=(ids == self.ids[IMAGE_PAD]).int())
-
     @torch.no_grad()
     def generate_answers(self, images, questions, max_new_tokens=32):
         """Greedy answers for a batch: images is a list (per sample) of lists of PIL images."""
+        p = self.prompter
         images = [[im.convert("RGB") for im in ims] for ims in images]
-        pixels = self._pixels([im for ims in images for im in ims], native=True)
-        counts = iter(self._image_tokens(pixels[1]) if pixels[1] is not None else [])
-        prompts = [self._prompt_ids([next(counts) for _ in ims], q) for ims, q in zip(images, questions)]
-        batch = self._left_padded(prompts, pixels)
-        new = self._generate(batch, max_new_tokens, [self.ids[IM_END], self.ids[PAD]])
+        pixels = p.pixels([im for ims in images for im in ims], native=True)
+        counts = iter(p.token_counts(pixels[1]) if pixels[1] is not None else [])
+        prompts = [p.prompt_ids([next(counts) for _ in ims], q) for ims, q in zip(images, questions)]
+        new = self._generate(p.left_padded(prompts, pixels), max_new_tokens, [self.ids[IM_END], self.ids[PAD]])
         return [self.tokenizer.decode(seq[seq != self.ids[PAD]], skip_special_tokens=True).strip() for seq in new]
 
     @torch.no_grad()
@@ -635,41 +701,57 @@ class DualVLA(nn.Module):
         """predict_action for a batch of frames (e.g. many episodes stepped together): one left-padded
         generation and one forward for all. generators: one torch.Generator per frame for the flow
         noise, so a frame's actions do not depend on what else is in the batch."""
-        cfg, dev, B = self.config, self.queries.device, len(images)
+        p, (action_stats, state_stats) = self.prompter, self.robot_stats(robot)
         recs = [dict(image=im, instruction=text, state=None if states is None else states[b], domain="robot", robot=robot)
                 for b, (im, text) in enumerate(zip(images, instructions))]
-        imgs = [self._images(r) for r in recs]
-        pixels = self._pixels([im for ims in imgs for im in ims])  # once per control step: reasoning and action
-        prompts = [self._robot_prompt(r) for r in recs]
-        stops = (self.ids[ACT], self.ids[IM_END])
-        reasoning_ids = [[] for _ in recs]
-        if reason:
-            new = self._generate(self._left_padded(prompts, pixels), cfg.max_reasoning_tokens, list(stops)).tolist()
-            for b, seq in enumerate(new):
-                seq = seq[:next((k for k, i in enumerate(seq) if i in stops), len(seq))]
-                reasoning_ids[b] = [i for i in seq if i != self.ids[PAD]]
-        if cfg.action_head == "tokens":
-            n_act = cfg.chunk * cfg.action_dim
-            batch = self._left_padded([p + r + [self.ids[ACT]] for p, r in zip(prompts, reasoning_ids)], pixels)
-            new = self._generate(batch, n_act, None, [_AllowOnly(self.bin_ids)], min_new_tokens=n_act)
-            bins = torch.searchsorted(self.bin_ids.to(new.device), new[:, :n_act].contiguous()).cpu().numpy()
-            actions = ((bins + 0.5) / cfg.n_bins * 2 - 1).reshape(B, cfg.chunk, cfg.action_dim)
+        imgs = [p.images(r) for r in recs]
+        pixels = p.pixels([im for ims in imgs for im in ims])  # once per control step: reasoning and action
+        prompts = [p.robot_prompt(r) for r in recs]
+        reasoning_ids = self.reason(prompts, pixels) if reason else [[] for _ in recs]
+        prompts = [q + r + [self.ids[ACT]] for q, r in zip(prompts, reasoning_ids)]
+        if self.config.action_head == "tokens":
+            actions = self.bin_actions(prompts, pixels)
         else:
-            tail = [self.ids[ACT]] + [self.ids[QUERY]] * cfg.n_queries
-            batch = self._left_padded([p + r + tail for p, r in zip(prompts, reasoning_ids)], pixels)
-            batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
-            batch = self.to_device(batch)
-            qs = self.hidden_states(batch)[batch["query_mask"]].view(B, cfg.n_queries, -1)
-            state_t = torch.from_numpy(np.stack([self._state(r) for r in recs])).to(dev)
-            ctx = self.head.context(qs, torch.stack([self._head_pixels(ims) for ims in imgs]).to(dev), state_t)
-            actions = self.sample_actions(ctx, generators).cpu().numpy()
+            states_t = torch.from_numpy(np.stack([p.state(r, state_stats) for r in recs]))
+            actions = self.flow_actions(prompts, pixels, imgs, states_t, generators)
         actions = np.clip(actions, -1, 1)  # the training targets live in [-1, 1]
-        stats = self.robot_stats(robot)[0]
-        if stats:
-            actions = unnormalize_action(actions, stats)
+        if action_stats:
+            actions = unnormalize_action(actions, action_stats)
         return [dict(actions=np.asarray(a, np.float32), n_tokens=len(r) + int(reason),
                      reasoning=self.tokenizer.decode(r, skip_special_tokens=True).strip())
                 for a, r in zip(actions, reasoning_ids)]
+
+    def reason(self, prompts, pixels):
+        """Each frame's reasoning r: greedy, KV-cached decoding until <|act|> (or <|im_end|>) -> token ids per frame."""
+        stops = (self.ids[ACT], self.ids[IM_END])
+        new = self._generate(self.prompter.left_padded(prompts, pixels), self.config.max_reasoning_tokens,
+                             list(stops)).tolist()
+        ids = []
+        for seq in new:
+            seq = seq[:next((k for k, i in enumerate(seq) if i in stops), len(seq))]
+            ids.append([i for i in seq if i != self.ids[PAD]])
+        return ids
+
+    def bin_actions(self, prompts, pixels):
+        """The tokens head: chunk·A tokens generated among the bins only, each read as its bin's centre in
+        [-1, 1] -> (B, chunk, A). prompts end with <|act|>."""
+        cfg, n_act = self.config, self.config.chunk * self.config.action_dim
+        new = self._generate(self.prompter.left_padded(prompts, pixels), n_act, None, [_AllowOnly(self.bin_ids)],
+                             min_new_tokens=n_act)
+        bins = torch.searchsorted(self.bin_ids.to(new.device), new[:, :n_act].contiguous()).cpu().numpy()
+        return ((bins + 0.5) / cfg.n_bins * 2 - 1).reshape(len(prompts), cfg.chunk, cfg.action_dim)
+
+    def flow_actions(self, prompts, pixels, images, states, generators=None):
+        """The flow head: the queries' last hidden states after each prompt (ending with <|act|>), the expert's
+        own view of the frames and the normalised robot states (B, S) -> the sampled chunks (B, chunk, A)."""
+        cfg, dev = self.config, self.queries.device
+        batch = self.prompter.left_padded([q + [self.ids[QUERY]] * cfg.n_queries for q in prompts], pixels)
+        batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
+        batch = self.to_device(batch)
+        qs = self.hidden_states(batch)[batch["query_mask"]].view(len(prompts), cfg.n_queries, -1)
+        head_pixels = torch.stack([self.prompter.head_pixels(ims) for ims in images]).to(dev)
+        ctx = self.head.context(qs, head_pixels, states.to(dev))
+        return self.sample_actions(ctx, generators).cpu().numpy()
 
     def sample_actions(self, ctx, generators=None):
         """Euler integration of the learned velocity from noise (t=0) to actions (t=1); generators: one per

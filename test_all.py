@@ -143,7 +143,7 @@ def test_label_mask_covers_exactly_the_targets(tiny_path):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     # the action positions hold exactly the bins of the normalised action
     bins = torch.searchsorted(m.bin_ids, batch["input_ids"][batch["action_positions"]]).view(2, 7).numpy()
-    expect = np.stack([m._bins(np.asarray(r["action"])) for r in recs[:2]])
+    expect = np.stack([m.prompter.bins(np.asarray(r["action"])) for r in recs[:2]])
     assert (bins == expect).all()
 
 
@@ -260,7 +260,7 @@ def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path
     lo, hi = 56 * 56, 224 * 224
     m = tiny_model(tiny_path, min_pixels=lo, max_pixels=hi)
     pad = m.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    f = m.factor  # the tiny backbone's grid: patch 7 × merge 2 = 14 px per image token
+    f = m.prompter.factor  # the tiny backbone's grid: patch 7 × merge 2 = 14 px per image token
     assert f == 14
     reference = Qwen2VLImageProcessorPil(patch_size=7, min_pixels=lo, max_pixels=hi)
     sizes = [(64, 64), (300, 100), (100, 300), (1000, 700), (31, 500), (224, 224), (17, 17), (2000, 60)]
@@ -278,7 +278,7 @@ def test_multimodal_images_keep_native_resolution_on_the_backbone_grid(tiny_path
     answers = m.generate_answers([[images[1], images[4]], [images[6]]], ["Which is taller?", "What colour?"],
                                  max_new_tokens=2)
     assert len(answers) == 2
-    assert tiny_model(tiny_path).pixel_bounds == (14 * 14, 448 * 448)  # default: the backbone's processor's own
+    assert tiny_model(tiny_path).prompter.pixel_bounds == (14 * 14, 448 * 448)  # default: the backbone's processor's own
     # Qwen3-VL's grid: patch 16 × merge 2 = 32 px per token
     q3 = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=lo, max_pixels=hi)
     m3 = DualVLA(VLAConfig(backbone=tiny_path, image_size=224), m.backbone, m.tokenizer, q3)
@@ -465,7 +465,7 @@ def test_lora_without_peft_is_a_one_line_user_error(tiny_path, monkeypatch):
 def test_tiny_vision_cuts_7px_patches_into_16_image_tokens(tiny_path):
     """56 px at patch 7 × merge 2: an 8 × 8 patch grid merged into 4 × 4 image tokens, each 14 px (an object)."""
     m = tiny_model(tiny_path)
-    assert m.image_tokens == 16
+    assert m.prompter.image_tokens == 16
     batch = m.make_batch(robot_records(2))  # robot frames at image_size (multimodal images keep their own)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
     assert ((batch["input_ids"] == m.ids["<|image_pad|>"]).sum(1) == 16).all()
@@ -490,7 +490,7 @@ def test_pretrained_backbone_is_built_once_per_settings(tmp_path, monkeypatch):
     assert backbones.backbone_path(other_seed, ctx) == path and built == [path]     # every stage and seed reuses it
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
     model = DualVLA(VLAConfig(backbone=path, image_size=56))                    # a normal backbone folder
-    assert model.image_tokens == 16 and model.backbone.config.vision_config.patch_size == 7
+    assert model.prompter.image_tokens == 16 and model.backbone.config.vision_config.patch_size == 7
     cfg.backbone_steps = 3                                                      # a setting changed: rebuilt beside it
     new = backbones.backbone_path(cfg, ctx)
     assert new != path and built == [path, new] and os.path.isdir(path)
