@@ -10,8 +10,11 @@ import csv
 import dataclasses
 import io
 import functools
+import importlib
 import json
 import math
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -4271,3 +4274,67 @@ def test_bench_gpu_figures_on_a_tiny_model(tmp_path):
             assert fig["peak_reserved_gib"] >= fig["peak_memory_gib"] > 0 and (fig["mfu"] is None or fig["mfu"] > 0)
     # the same batch, plus two teacher forwards
     assert res["distill"]["model_tflop_per_step"] > res["finetune"]["model_tflop_per_step"]
+
+
+# ============================================================================= README.md
+
+def readme_commands(path=os.path.join(HERE, "README.md")):
+    """Every command in README.md's bash blocks, in order, as argv lists: continued lines joined, comments dropped,
+    `&&` and `;` split, a `for V in ...; do ...; done` loop unrolled, a block's NAME="..." set and expanded."""
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    commands = []
+    for block in blocks:
+        names = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line).strip()
+            if m := re.fullmatch(r'(\w+)="(.*)"', line):
+                names[m[1]] = m[2]
+                continue
+            loop = re.fullmatch(r"for (\w+) in (.+?); do (.+); done", line)
+            for body, env in [(loop[3], dict(names, **{loop[1]: v})) for v in loop[2].split()] if loop else [(line, names)]:
+                body = re.sub(r"\$(\w+)", lambda v: env.get(v[1], v[0]), body)
+                commands += [shlex.split(part) for part in re.split(r"&&|;", body) if part.strip()]
+    return commands
+
+
+def runs_offline(argv):
+    """Whether a README command runs as written with no GPU, network or data of one's own: python (torchrun wants
+    GPUs) with no placeholder: a word in capitals (CKPT, OUT, ROBOT), an unset $VARIABLE, ~, an [optional] part."""
+    placeholder = re.compile(r"(^|[/=,])[A-Z][A-Z0-9_]*($|[/=,])|[$~\[\]]")
+    return argv[0] == "python" and not any(placeholder.search(a) for a in argv[1:])
+
+
+class Parsed(Exception):
+    """Raised where a CLI would start its work, once argparse has accepted its arguments."""
+
+
+def test_every_readme_command_names_a_script_whose_flags_parse(monkeypatch, capsys):
+    """Each python and torchrun command in README.md (its [optional] flags included) names a script here whose
+    argparse accepts its arguments as written: parsed, not run. .ci/readme runs the offline ones."""
+    from torch.distributed.run import get_args_parser
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise Parsed(parse_args(self, args, namespace))
+
+    commands = readme_commands()
+    assert sum(map(runs_offline, commands)) >= 10 and any(a[0] == "torchrun" for a in commands)
+    for argv in commands:
+        line = shlex.join(argv)
+        argv = [a.strip("[]") for a in argv]
+        if argv[0] == "pip":  # .ci/run proves the install
+            continue
+        assert argv[0] in ("python", "torchrun"), line
+        if argv[1] == "-m":
+            assert importlib.util.find_spec(argv[2]), line
+            assert all(os.path.isfile(os.path.join(HERE, a)) for a in argv[3:] if a.endswith(".py")), line
+            continue
+        if argv[0] == "torchrun":
+            get_args_parser().parse_args(argv[1:])  # torchrun's own flags
+        script = next(a for a in argv[1:] if a.endswith(".py"))
+        assert os.path.isfile(os.path.join(HERE, script)), f"{line}: no {script}"
+        with monkeypatch.context() as mp, pytest.raises((Parsed, SystemExit)) as run:
+            mp.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+            importlib.import_module(script[:-3]).main(argv[argv.index(script) + 1:])
+        assert run.type is Parsed or run.value.code == 0, f"{line}: {capsys.readouterr().err.strip()}"

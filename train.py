@@ -11,17 +11,18 @@
     prune       dual-layer pruning of the robot data's reasoning (Sec. 3.2.1, prune.py)
     distill     from the generalist, on pruned robot + multimodal data, L = L_VLA + λ·L_KD with
                 π^a on robot frames and π^r on multimodal samples (Eq. 5-7, distill.py)
-    all         the four in order, then evaluate.py on the tabletop demo
+    all         the four in order, then evaluate.py on the tabletop demo (report.py)
 
 Everything lands in OUT (default runs/<preset>): data/ (demo data), tiny/ (the demo's random tiny
 backbone, with --backbone-steps 0), <stage>/{model, config.json, metrics.jsonl, summary.json, checkpoints/step_N,
-eval/}, pruned/. The demo's pretrained tiny backbone is shared: runs/backbones/<hash of its settings>/.
+eval/}, pruned/. The demo's pretrained tiny backbone is shared: runs/backbones/<hash of its settings>/ (backbones.py).
 A stage whose default input is missing builds it first; one already under OUT is reused. Flags apply
 to every stage this command runs (use one command per stage for per-stage settings).
 
 Engine: torchrun (DDP, or FSDP2 with --fsdp), bf16 autocast on GPU, gradient accumulation and
 clipping, warmup + constant/cosine LR, atomic checkpoints every --ckpt-every steps; --resume after a
-kill reproduces the uninterrupted run bit for bit (same world size and --threads).
+kill reproduces the uninterrupted run bit for bit (same world size and --threads). Processes and checkpoints:
+checkpoint.py.
 """
 import argparse
 import errno
