@@ -30,6 +30,7 @@ def _not_utf8(path, e):
 
 
 def load_json(path):
+    """A JSON file's content; DataError naming the file (and line) when it is missing, malformed or not UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
