@@ -61,7 +61,8 @@ def tiny_settings(cfg):
     every run and seed with these settings starts from the same backbone, as every paper run starts from Qwen."""
     return dict(tiny=dict(patch=7, vision_hidden=32, vision_depth=2, hidden=64, layers=2), seed=0,
                 steps=cfg.backbone_steps, batch_size=16, lr=3e-3, cell_weight=1.0, image_size=cfg.image_size,
-                render_size=64, pool=min(3000, 16 * cfg.backbone_steps))   # distinct samples: half captions, half QA
+                render_size=64, pool=min(3000, 16 * cfg.backbone_steps),   # distinct samples: half captions, half QA
+                world=tabletop.WORLD)
 
 
 def pretrain_tiny(path, s):

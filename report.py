@@ -232,8 +232,8 @@ def loss_curves_png(runs, path, size=(960, 300)):
 
 def miniature_tables(runs):
     """The paper's tables in miniature over seeds (one run folder each): Table 2 (tabletop success), the
-    multimodal average, Table 5 (VLA Score, oracle judge), Tables 7 and 8 (--prune and --kd modes; the
-    main distill run is its own mode's row, the others come from OUT/ablations/<kind>-<mode>/distill)."""
+    multimodal average, Table 5 (VLA Score, oracle judge), Tables 6-8 (--prune and --kd modes, λ; the main
+    distill run is its own mode's row, the others come from OUT/ablations/<kind>-<mode>/distill)."""
     for run in runs:
         if not os.path.isdir(run):
             raise UserError(f"--runs {run}: no such folder")
@@ -244,11 +244,11 @@ def miniature_tables(runs):
     tasks = sorted(k for k in main["specialist"][0] if k.startswith("tabletop_"))
     benches = main["specialist"][0]["benchmarks"]
     ablation = {}
-    for kind in ("prune", "kd"):
+    for kind, flag in (("prune", "prune"), ("kd", "kd"), ("lambda", "lambda_kd")):
         by_mode = {}
         for run, distilled in zip(runs, main["distill"]):
-            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[kind]
-            by_mode.setdefault(own, []).append(distilled)
+            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[flag]
+            by_mode.setdefault(f"{own:g}" if kind == "lambda" else own, []).append(distilled)
             root = os.path.join(run, "ablations")
             for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
                 if name.startswith(kind + "-"):
@@ -264,7 +264,8 @@ def miniature_tables(runs):
            f"### Table 5 analogue: VLA Score with the oracle judge, % ({n})", "",
            mean_std_table(rows, score_cols)]
     for kind, title in (("prune", "Table 7 analogue: pruning modes (--prune)"),
-                        ("kd", "Tables 6/8 analogue: distillation modes (--kd)")):
+                        ("kd", "Tables 6/8 analogue: distillation modes (--kd)"),
+                        ("lambda", "Table 6 analogue: the KD weight λ (--lambda-kd)")):
         out += ["", f"### {title} ({n} where a mode has all)", "",
                 mean_std_table(ablation[kind], dict(success="tabletop Avg", direction_agreement="open-loop direction ×100",
                                                     mm="benchmarks Avg", VLA_Score="VLA Score"))]

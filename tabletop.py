@@ -52,6 +52,7 @@ ALL_TASKS = TASKS + (BIMANUAL,)
 MAX_STEPS = {"tabletop_pick": 24, "tabletop_place": 36, "tabletop_move_near": 36, BIMANUAL: 40}  # ~2x the expert's
 CAMERAS = ("overhead_camera", "wrist_camera", "wrist_camera_1")  # wrist_camera_1: second arm
 TRAIN_SEED_OFFSET = 1000
+WORLD = 2            # the renders' version: a change rebuilds the pretrained tiny backbones (backbones.tiny_settings)
 
 MAX_STEP = 0.12      # per-step xyz motion is clipped to this norm (table = unit square)
 SPEED = 0.1          # the expert's constant speed: a reach takes ~5 steps, an episode 10-20
@@ -66,6 +67,7 @@ N_GRASPABLE, N_RECEPTACLES = 2, 1   # per scene: the target and one distractor, 
 HEIGHT_SCALE = 1.5   # top-down camera: things closer to it look bigger
 SS = 4               # render at SS x the image size, then box-filter down (anti-aliasing)
 
+TABLE = (165, 135, 100)   # one table colour and one light: held-out scenes differ in layout, not in look
 COLORS = {"red": (200, 45, 40), "green": (50, 160, 70), "blue": (45, 80, 205),
           "yellow": (230, 200, 45), "purple": (135, 65, 165), "orange": (240, 135, 35),
           "white": (236, 236, 230)}
@@ -85,9 +87,8 @@ def _name(kind, color):
 
 def _object(rng, kind, color):
     name = _name(kind, color)
-    rgb = np.clip(np.array(COLORS[color]) + rng.integers(-18, 19, 3), 0, 255)
     label = {"can": LETTERS, "block": DIGITS}.get(kind, "")
-    return dict(name=name, kind=kind, color=color, rgb=tuple(int(v) for v in rgb), size=SIZES[kind],
+    return dict(name=name, kind=kind, color=color, rgb=COLORS[color], size=SIZES[kind],
                 pos=None, z=0.0, angle=float(rng.uniform(0, np.pi)),
                 label=str(rng.choice(list(label))) if label else "",
                 graspable=kind not in ("plate", "towel"))
@@ -135,7 +136,7 @@ def _near_goal(objects, s, t):
 
 
 def sample_scene(rng, task):
-    """Objects, grippers, the task's jobs (one per arm) and the lighting, all drawn from rng."""
+    """Objects, grippers and the task's jobs (one per arm), all drawn from rng."""
     for _ in range(1000):
         objects = [_object(rng, k, "white" if k == "plate" else str(rng.choice(["blue", "green", "yellow"])))
                    for k in [str(k) for k in rng.permutation(["plate", "towel"])][:N_RECEPTACLES]]
@@ -175,10 +176,7 @@ def sample_scene(rng, task):
                                                                      (rng.uniform(0.7, 0.8), 0.88)]
     arms = [dict(pos=np.array([x, y, Z_HIGH]), grip=1.0, held=None) for x, y in starts]
     return dict(objects=objects, arms=arms, jobs=jobs, instruction=_instruction(objects, jobs),
-                start=[o["pos"].copy() for o in objects],
-                table=tuple(int(v) for v in np.array([165, 135, 100]) + rng.integers(-15, 16, 3)),
-                light=dict(gain=float(rng.uniform(0.85, 1.15)), tint=rng.uniform(0.95, 1.05, 3),
-                           grad=rng.uniform(-0.12, 0.12, 2)))
+                start=[o["pos"].copy() for o in objects])
 
 
 def _instruction(objects, jobs):
@@ -301,13 +299,6 @@ def _draw_gripper(dr, arm, S, k):
     dr.rectangle([x - w / 3, y + h / 2 + w, x + w / 3, y + h / 2 + 3 * w], fill=col)
 
 
-def _gain(light, n):
-    """Per-seed lighting: brightness, colour tint and a linear gradient across the table."""
-    u = np.linspace(-0.5, 0.5, n, dtype=np.float32)
-    g = 1 + light["grad"][0] * u[None, :] + light["grad"][1] * u[:, None]
-    return (light["gain"] * g[..., None] * light["tint"][None, None, :]).astype(np.float32)
-
-
 def render(scene, image_size=64, cameras=("overhead_camera",)):
     """Camera name -> uint8 (H, W, 3). A wrist camera is a crop around its gripper (wider when higher)."""
     if not cameras:
@@ -316,7 +307,7 @@ def render(scene, image_size=64, cameras=("overhead_camera",)):
     resting = [(k, o) for k, o in enumerate(scene["objects"]) if o["z"] == 0]
     key = (S,) + tuple((k, *o["pos"]) for k, o in resting)
     if scene.get("canvas", (None,))[0] != key:   # the table redrawn only when something on it moved
-        img = Image.new("RGB", (S, S), scene["table"])
+        img = Image.new("RGB", (S, S), TABLE)
         dr = ImageDraw.Draw(img)
         for _, o in sorted(resting, key=lambda ko: ko[1]["graspable"]):
             _draw_object(dr, o, S)
@@ -327,19 +318,16 @@ def render(scene, image_size=64, cameras=("overhead_camera",)):
         _draw_object(dr, o, S)
     for k, arm in enumerate(scene["arms"]):
         _draw_gripper(dr, arm, S, k)
-    out, light = {}, scene["light"]
+    out = {}
     for cam in cameras:
         if cam == "overhead_camera":
-            if ("gain", image_size) not in scene:   # fixed per scene: compute once
-                scene["gain", image_size] = _gain(light, image_size)
-            view, gain = img.reduce(SS), scene["gain", image_size]
+            view = img.reduce(SS)
         else:
             x, y, z = scene["arms"][1 if cam.endswith("_1") else 0]["pos"]
             half = (0.125 + 0.5 * z) * S   # a window of 0.25 + z table widths
             view = img.crop((int(x * S - half), int(y * S - half), int(x * S + half), int(y * S + half)))
             view = view.resize((image_size, image_size), Image.BOX)
-            gain = np.float32(light["gain"]) * light["tint"].astype(np.float32)
-        out[cam] = np.clip(np.asarray(view, np.float32) * gain, 0, 255).astype(np.uint8)
+        out[cam] = np.asarray(view, np.uint8)
     return out
 
 
@@ -585,7 +573,7 @@ BENCH = ("TabletopMCQ", "TabletopYN", "TabletopVQA")
 
 
 def qa_scene(rng):
-    """A scene to ask about: a task scene's table, light and receptacles (some of them) with 1-5 of POOL's
+    """A scene to ask about: a task scene's receptacles (some of them) with 1-5 of POOL's
     objects, so that every count of QA_FORMS is common; the gripper somewhere above the table."""
     scene = sample_scene(rng, TASKS[int(rng.integers(len(TASKS)))])
     recs = [o for o in scene["objects"] if not o["graspable"]]
@@ -749,7 +737,7 @@ def qa_samples(seed, n, image_size=64):
 
 def layout(scene):
     """What is where: [(x, y, colour, kind)] of the objects, topmost last, then (x, y, "gripper") — the dense
-    targets of the tiny backbone's pretraining (train.pretrain_tiny)."""
+    targets of the tiny backbone's pretraining (backbones.pretrain_tiny)."""
     objs = sorted(scene["objects"], key=lambda o: (o["z"], o["graspable"]))
     return [(*o["pos"], o["color"], o["kind"]) for o in objs] + [(*scene["arms"][0]["pos"][:2], "", "gripper")]
 

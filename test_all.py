@@ -3641,11 +3641,14 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     assert len(open(os.path.join(out, "data", "kb.jsonl")).readlines()) == 4 * len(tabletop.TASKS)
     assert os.path.isfile(os.path.join(out, "pruned", "prune_stats.json"))
     assert list(json.load(open(os.path.join(out, "results.json")))) == ["specialist", "generalist", "distill"]
-    # --ablations: every other --prune and --kd mode distilled from the same specialist and generalist
+    # --ablations: every other --prune and --kd mode and λ distilled from the same specialist and generalist
     modes = [("prune", m) for m in prune.MODES if m != "both"] + [("kd", m) for m in KD_MODES if m != "dual"]
-    for kind, mode in modes:
+    lambdas = [("lambda", f"{v:g}") for v in train.LAMBDAS if v != 0.15]
+    assert [m for _, m in lambdas] == ["0.5", "1", "2"]
+    for kind, mode in modes + lambdas:
         run = os.path.join(out, "ablations", f"{kind}-{mode}")
-        assert summary(run, "distill")["steps"] == 2 and saved_config(os.path.join(run, "distill"))[kind] == mode
+        flag, value = ("lambda_kd", float(mode)) if kind == "lambda" else (kind, mode)
+        assert summary(run, "distill")["steps"] == 2 and saved_config(os.path.join(run, "distill"))[flag] == value
         assert os.path.isfile(os.path.join(run, "distill", "eval", "vla_score", "summary.json"))
         assert os.path.isdir(os.path.join(run, "pruned")) == (kind == "prune")  # --kd rows share OUT/pruned
         assert not os.path.exists(os.path.join(run, "data"))                     # the demo data is not rewritten
@@ -3656,11 +3659,11 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     sim = json.load(open(os.path.join(out, "specialist", "eval", "sim", "sim_results.json")))["success"]
     row = next(line for line in text.splitlines() if line.startswith("| specialist |"))
     assert f"| {np.mean(list(sim.values())):.1f} ± 0.0 |" in row
-    for title in ("Table 2", "Multimodal", "Table 5", "Table 7", "Tables 6/8"):
+    for title in ("Table 2", "Multimodal", "Table 5", "Table 7", "Tables 6/8", "Table 6 analogue: the KD weight"):
         assert title in text
     assert Image.open(os.path.join(out, "loss_curves.png")).size == (960, 300) and "](loss_curves.png)" in text
     assert "](pruned/filmstrip.png)" in text and os.path.isfile(os.path.join(out, "pruned", "filmstrip.png"))
-    for kind, mode in modes + [("prune", "both"), ("kd", "dual")]:
+    for kind, mode in modes + lambdas + [("prune", "both"), ("kd", "dual"), ("lambda", "0.15")]:
         assert f"| {mode} |" in text
     assert error_line(capsys, evaluate.main, ["table", "--runs", os.path.join(out, "nope")]).startswith("error: --runs")
     # --resume after the finished run trains and evaluates nothing again; another flag value is a new run
@@ -3668,7 +3671,8 @@ def test_all_runs_the_chain_then_evaluates(base_run, tmp_path, capsys, monkeypat
     stamps = [p.stat().st_mtime_ns for p in summaries]
     train.main(args + ["--resume"])
     printed = capsys.readouterr().out
-    assert printed.count("already done") == 4 + len(modes) and printed.count("already evaluated") == 3 + len(modes)
+    rows = len(modes + lambdas)
+    assert printed.count("already done") == 4 + rows and printed.count("already evaluated") == 3 + rows
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     explicit = train.parse_args(args + ["--resume"])
     assert train.finished(train.stage_config("distill", explicit))["steps"] == 2
