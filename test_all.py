@@ -3552,7 +3552,7 @@ def test_generalist_with_frozen_action_head_keeps_the_specialists_expert(base_ru
 def test_torchrun_two_processes_match_one(base_run, tmp_path):
     """gloo, 2 ranks vs 1 process with the same global batch (as 2 accumulated micro-batches): the same
     loss curve, through the VLM unfreezing at step 2 (specialist) and multimodal mixing (generalist)."""
-    args = ["--stage", "generalist"] + flags(freeze_vlm_steps=2, steps=4)
+    args = ["--stage", "generalist", "--no-freeze-action-head"] + flags(freeze_vlm_steps=2, steps=4)
     one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
     p1 = launch(args + ["--out", one, "--grad-accum", "2"])
     p2 = launch(args + ["--out", two], nproc=2)
@@ -3805,6 +3805,9 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, capsys):
     line = error_line(capsys, train.main, ["--stage", "generalist", "--out", out, "--action-head", "tokens"] + flags())
     assert "action head 'flow'" in line and "'tokens'" in line
     assert not os.path.exists(os.path.join(out, "generalist"))
+    # the demo's generalist keeps the expert frozen: with the VLM frozen too, nothing would train
+    line = error_line(capsys, train.main, ["--stage", "generalist", "--out", out] + flags(freeze_vlm_steps=2))
+    assert "leaves nothing to train" in line and not os.path.exists(os.path.join(out, "generalist"))
 
 
 class Payload:

@@ -267,6 +267,9 @@ def validate(cfg):
         raise UserError("--lora-rank runs under DDP, not --fsdp (with LoRA the 3B model's training state fits a GPU)")
     if cfg.freeze_vlm_steps and cfg.action_head == "tokens":
         raise UserError("--freeze-vlm-steps needs --action-head flow (the tokens head is the VLM itself)")
+    if cfg.freeze_vlm_steps and cfg.freeze_action_head and cfg.stage in ("generalist", "distill"):
+        raise UserError(f"--freeze-vlm-steps {cfg.freeze_vlm_steps} with --freeze-action-head leaves nothing to train "
+                        f"in --stage {cfg.stage}'s first steps (--no-freeze-action-head trains the expert)")
     if cfg.demo_hold < 0 or not 0 <= cfg.demo_noise < tabletop.MAX_STEP or not 0 <= cfg.demo_miss <= 1:
         raise UserError(f"need --demo-hold >= 0, 0 <= --demo-noise < {tabletop.MAX_STEP} (the largest step) "
                         "and 0 <= --demo-miss <= 1")
