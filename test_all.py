@@ -4022,7 +4022,12 @@ def test_presets_and_flags():
     assert "--ensemble" not in report.eval_commands(train.stage_config("specialist", {"data": "bridge"}), "specialist")[0]
     assert train.stage_config("specialist", {"action_head": "tokens"}).freeze_vlm_steps == 0
     mini = train.stage_config("specialist", {"preset": "mini"})
-    assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (1000, 0, os.path.join("runs", "mini"))
+    assert (mini.demo_episodes, mini.freeze_vlm_steps, mini.out) == (300, 4000, os.path.join("runs", "mini"))
+    # the rule applied to every preset: the expert frozen after the specialist, distillation at 0.4x the co-training lr
+    for preset in ("demo", "mini"):
+        gen, dist = (train.stage_config(s, {"preset": preset}) for s in ("generalist", "distill"))
+        assert gen.freeze_action_head and dist.freeze_action_head and dist.lr == pytest.approx(0.4 * gen.lr)
+        assert (gen.chunk, gen.demo_hold) == (4, 3)
     assert (demo.chunk, demo.demo_hold, demo.eval_episodes, report.eval_horizon(demo)) == (4, 3, 50, 4)
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
@@ -4047,9 +4052,9 @@ def test_a_checkpoint_of_another_action_head_is_refused(tmp_path):
 def test_demo_data_is_written_with_the_presets_hold_and_noise(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(tabletop, "write_demo", lambda root, *a, **k: seen.update(k, root=root))
-    cfg = train.stage_config("specialist", {"preset": "mini", "out": str(tmp_path)})
+    cfg = train.stage_config("specialist", {"preset": "mini", "out": str(tmp_path), "demo_noise": 0.02})
     assert train.demo_data(cfg, {"rank": 0, "world": 1}) == seen["root"] == str(tmp_path / "data")
-    assert (seen["hold"], seen["noise"], seen["miss"]) == (6, 0.02, 0.0)
+    assert (seen["hold"], seen["noise"], seen["miss"]) == (3, 0.02, 0.0)
 
 
 # ============================================================================= two cameras, two arms
