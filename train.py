@@ -65,7 +65,7 @@ PAPER_HEAD_VISION = "facebook/dinov2-with-registers-large"
 @dataclass
 class TrainConfig:
     stage: str = "distill"          # specialist | generalist | prune | distill | all
-    preset: str = "demo"            # demo: CPU, minutes | mini: the miniature, CPU, ~45 min a seed | paper: Qwen2.5-VL-3B on GPUs
+    preset: str = "demo"            # demo: CPU, minutes | mini: the miniature, CPU, ~21 min a seed | paper: Qwen2.5-VL-3B on GPUs
     out: str = ""                   # run folder; "" = runs/<preset>
     # data; "" = the tabletop demo data, written to OUT/data on first use
     data: str = ""                  # robot episodes: an episode folder (episodes.jsonl) or a LeRobot root
