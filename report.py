@@ -243,12 +243,13 @@ def miniature_tables(runs):
                     main.values()))
     tasks = sorted(k for k in main["specialist"][0] if k.startswith("tabletop_"))
     benches = main["specialist"][0]["benchmarks"]
+    flags = [read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags") for run in runs]
     ablation = {}
     for kind, flag in (("prune", "prune"), ("kd", "kd"), ("lambda", "lambda_kd")):
         by_mode = {}
-        for run, distilled in zip(runs, main["distill"]):
-            own = read_json(os.path.join(run, "distill", "config.json"), "the distill run's flags")[flag]
-            by_mode.setdefault(f"{own:g}" if kind == "lambda" else own, []).append(distilled)
+        for run, own, distilled in zip(runs, flags, main["distill"]):
+            mode = own[flag]  # named as train.ablation_runs names its folders: a number by its shortest form
+            by_mode.setdefault(f"{mode:g}" if isinstance(mode, float) else mode, []).append(distilled)
             root = os.path.join(run, "ablations")
             for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
                 if name.startswith(kind + "-"):

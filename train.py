@@ -141,34 +141,33 @@ class TrainConfig:
 # Stage presets, applied over the defaults above and under the command line. The paper gives λ = 0.15
 # and lr 2e-5 for distillation; batch sizes and step counts are ours (the paper states none): they
 # follow InstructVLA's lr 5e-5 for the earlier stages and a global batch of 128 on 8 GPUs.
+DEMO = {
+    # One thread: the tiny model's ops gain little from a second one, and OpenMP threads spin-wait
+    # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
+    # The tiny backbone pretrained for 800 steps (~2 CPU minutes, once per settings: docs/miniature.md).
+    # Multimodal images on the robot frames' 4 x 4 grid, as the tiny backbone was pretrained.
+    # A 4-action chunk for episodes of 10-20 steps; hold steps show the policy how to stay done.
+    "common": dict(threads=1, flow_target="action", backbone_steps=800, min_pixels=56 * 56, max_pixels=56 * 56,
+                   chunk=4, demo_hold=3),
+    # The VLM frozen throughout: trained with the head from step 0 it gave lower success (docs/miniature.md).
+    # The grounding term and x1-prediction made the head learn fastest (docs/miniature.md).
+    # As InstructVLA's stage 2, the action expert stays frozen after the specialist; distillation runs at
+    # 0.4x the co-training lr, the paper's ratio (2e-5 against its base model's 5e-5).
+    "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
+    "generalist": dict(steps=150, batch_size=16, lr=1e-4, freeze_action_head=True),
+    "distill": dict(steps=150, batch_size=16, lr=4e-5, freeze_action_head=True),
+}
 PRESETS = {
-    "demo": {
-        # One thread: the tiny model's ops gain little from a second one, and OpenMP threads spin-wait
-        # when the 2 cores are shared (a step measured 10x slower with 2 threads on a busy machine).
-        # The tiny backbone pretrained for 800 steps (~2 CPU minutes, once per settings: docs/miniature.md).
-        # Multimodal images on the robot frames' 4 x 4 grid, as the tiny backbone was pretrained.
-        # A 4-action chunk for episodes of 10-20 steps; hold steps show the policy how to stay done.
-        "common": dict(threads=1, flow_target="action", backbone_steps=800, min_pixels=56 * 56, max_pixels=56 * 56,
-                       chunk=4, demo_hold=3),
-        # The VLM frozen throughout: trained with the head from step 0 it gave lower success (docs/miniature.md).
-        # The grounding term and x1-prediction made the head learn fastest (docs/miniature.md).
-        # As InstructVLA's stage 2, the action expert stays frozen after the specialist; distillation runs at
-        # 0.4x the co-training lr, the paper's ratio (2e-5 against its base model's 5e-5).
-        "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
-        "generalist": dict(steps=150, batch_size=16, lr=1e-4, freeze_action_head=True),
-        "distill": dict(steps=150, batch_size=16, lr=4e-5, freeze_action_head=True),
-    },
+    "demo": DEMO,
     # The miniature reproduction: the demo's kind at a larger scale. 3x the demos (held-out open-loop direction
     # 0.88 against 0.73 with 100 a task), a longer backbone pretraining, 4,000 cosine specialist steps;
     # co-training at lr 1e-3 with half the batch multimodal, the first setting in which the tiny VLM learned
     # any QA. The expert frozen after the specialist and distillation at 0.4x the co-training lr, as in demo.
     "mini": {
-        "common": dict(threads=1, flow_target="action", demo_episodes=300, backbone_steps=3000,
-                       min_pixels=56 * 56, max_pixels=56 * 56, chunk=4, demo_hold=3),
-        "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", freeze_vlm_steps=4000,
-                           ground_weight=1.0),
-        "generalist": dict(steps=600, batch_size=16, lr=1e-3, mm_ratio=0.5, freeze_action_head=True),
-        "distill": dict(steps=600, batch_size=16, lr=4e-4, mm_ratio=0.5, freeze_action_head=True),
+        "common": dict(DEMO["common"], demo_episodes=300, backbone_steps=3000),
+        "specialist": dict(DEMO["specialist"], steps=4000, schedule="cosine", freeze_vlm_steps=4000),
+        "generalist": dict(DEMO["generalist"], steps=600, lr=1e-3, mm_ratio=0.5),
+        "distill": dict(DEMO["distill"], steps=600, lr=4e-4, mm_ratio=0.5),
     },
     # The base model's expert and regime (NOTES §6): InstructVLA's action expert on DINOv2-L with registers (its
     # timm vit_large_patch14_reg4_dinov2), Beta(1.5, 1) flow time, σ_min 1e-3, LoRA r 128 on the robot stage and
