@@ -57,13 +57,13 @@ WORLD = 2            # the renders' version: a change rebuilds the pretrained ti
 MAX_STEP = 0.12      # per-step xyz motion is clipped to this norm (table = unit square)
 SPEED = 0.1          # the expert's constant speed: a reach takes ~5 steps, an episode 10-20
 Z_HIGH, Z_LOW, Z_MAX = 0.2, 0.02, 0.3   # carrying height, grasping height, ceiling
-GRASP_Z = 0.04       # the fingers reach an object at or below this height
+GRASP_Z = 0.08       # the fingers reach an object at or below this height (long fingers: a learned descent is coarse)
 GRASP_RADIUS = 0.07  # ... whose centre is this close (most of an object's radius: a policy's aim is coarse)
 LIFT_Z = 0.15        # pick succeeds once the object is this high
 AT_TOL = 0.02        # "above the object/goal" for the subtask bookkeeping
 NEAR_TOL = 0.1       # below carrying height and this close: correct in place rather than go back up
-NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.26, 0.2, 0.03   # move-near success, expert's goal, distractors
-N_GRASPABLE, N_RECEPTACLES = 2, 1   # per scene: the target and one distractor, one plate or towel
+NEAR_DIST, NEAR_GOAL, MOVED_TOL = 0.3, 0.2, 0.03   # move near (the receptacle): success, expert's goal; others still
+N_GRASPABLE, N_RECEPTACLES = 1, 1   # per scene: the object to take (one per arm in the bimanual task), a plate or towel
 HEIGHT_SCALE = 1.5   # top-down camera: things closer to it look bigger
 SS = 4               # render at SS x the image size, then box-filter down (anti-aliasing)
 
@@ -140,8 +140,9 @@ def sample_scene(rng, task):
     for _ in range(1000):
         objects = [_object(rng, k, "white" if k == "plate" else str(rng.choice(["blue", "green", "yellow"])))
                    for k in [str(k) for k in rng.permutation(["plate", "towel"])][:N_RECEPTACLES]]
-        picks = rng.choice(len(POOL), N_GRASPABLE, replace=False)
-        if len({POOL[i][1] for i in picks}) < N_GRASPABLE:   # one colour each: the colour word alone grounds
+        n_grasp = 2 if task == BIMANUAL else N_GRASPABLE
+        picks = rng.choice(len(POOL), n_grasp, replace=False)
+        if len({POOL[i][1] for i in picks}) < n_grasp:   # one colour each: the colour word alone grounds
             continue
         objects += [_object(rng, *POOL[i]) for i in picks]
         if not _place_all(rng, objects):
@@ -154,8 +155,8 @@ def sample_scene(rng, task):
             d = int(rng.choice(recs))
             jobs = [_job(objects, "place", int(rng.choice(grasp)), d, objects[d]["pos"].copy())]
         elif task == "tabletop_move_near":
-            pairs = [(a, b) for a in grasp for b in grasp
-                     if a != b and np.linalg.norm(objects[a]["pos"] - objects[b]["pos"]) > 0.3]
+            pairs = [(a, b) for a in grasp for b in recs
+                     if np.linalg.norm(objects[a]["pos"] - objects[b]["pos"]) > 0.3]
             if not pairs:
                 continue
             s, t = pairs[int(rng.integers(len(pairs)))]
@@ -191,7 +192,7 @@ def _instruction(objects, jobs):
 
 def job_done(scene, i):
     """SimplerEnv's success checks: lifted (pick), resting on the receptacle (place),
-    resting near the target with the other objects undisturbed (move near)."""
+    resting beside the receptacle, not on it, with the other objects undisturbed (move near)."""
     job, arm = scene["jobs"][i], scene["arms"][i]
     src = scene["objects"][job["src"]]
     if job["kind"] == "pick":
@@ -203,7 +204,7 @@ def job_done(scene, i):
         return np.linalg.norm(src["pos"] - dest["pos"]) <= dest["size"] - 0.03
     still = all(np.linalg.norm(o["pos"] - p) <= MOVED_TOL
                 for k, (o, p) in enumerate(zip(scene["objects"], scene["start"])) if k != job["src"])
-    return bool(np.linalg.norm(src["pos"] - dest["pos"]) <= NEAR_DIST and still)
+    return bool(dest["size"] - 0.03 < np.linalg.norm(src["pos"] - dest["pos"]) <= NEAR_DIST and still)
 
 
 def phase_of(scene, i):
@@ -428,6 +429,8 @@ def _arm_action(scene, i):
         move, grip = _toward(pos, [*job["goal"], (Z_HIGH, Z_LOW)[p - 4]]), 0.0
     elif p == 6:
         grip = 1.0
+    elif p == len(job["subtasks"]) and job["goal"] is not None:   # released: back up, clear of what it placed
+        move, grip = _toward(pos, [pos[0], pos[1], Z_HIGH]), 1.0
     return np.r_[move, 0.0, 0.0, 0.0, grip]
 
 
@@ -469,7 +472,8 @@ def _arm_reasoning(scene, i, a, size):
            WHY[p].format(s=s, d=d if job["kind"] == "place" else f"spot next to the {d}"))
     move = _move_words(a, arm["grip"])
     if move.startswith("move"):
-        noun = {0: f"the {s}", 1: f"the {s}", 3: "the carrying height", 5: "the table"}.get(p, "the goal")
+        noun = {0: f"the {s}", 1: f"the {s}", 3: "the carrying height", 5: "the table",
+                n: "the carrying height"}.get(p, "the goal")
         rel = " and ".join(RELATION[w] for w in move.split(",")[0].split()[1:])
         move_why = f"{noun} is {rel} the gripper"
     else:
@@ -508,10 +512,11 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
     """One expert demonstration: dict(id, instruction, robot, task, steps=[dict(image, state, action,
     reasoning, phase)]); image is a list when there are several cameras, phase the ground-truth
     subtask index (summed over the arms of the bimanual task). It ends on the step that succeeds, or
-    `hold` steps later (the expert keeps still: SimplerEnv reads success at the last step, so a policy
-    must also learn to stay done). noise > 0: DART-style perturbations (Laskey et al., 2017): on 30 % of
-    the steps the executed xyz motion gets N(0, noise²) per axis added while the recorded action stays the
-    expert's, so the demonstrations show recoveries from off-path states. miss: the share of episodes whose
+    `hold` steps later (the expert backs up to the carrying height after a release, then keeps still:
+    SimplerEnv reads success at the last step, so a policy must also learn to stay done). noise > 0:
+    DART-style perturbations (Laskey et al., 2017): on 30 % of the steps the executed xyz motion gets
+    N(0, noise²) per axis added while the recorded action stays the expert's, so the demonstrations show
+    recoveries from off-path states. miss: the share of episodes whose
     first grasp misses: the arm slips 1.3 GRASP_RADIUS sideways as the fingers close, so the demonstration
     shows a closed, empty gripper beside the object (where a policy's coarse aim leaves it) and the expert
     reopening, sliding back and grasping again. An episode whose perturbed run does not finish in time is
@@ -548,7 +553,7 @@ def expert_episode(task_name, seed, image_size=64, cameras=("overhead_camera",),
         if noise or miss:
             return expert_episode(task_name, seed, image_size, cameras, hold)
         raise RuntimeError(f"expert failed on {task_name} seed {seed}")
-    for _ in range(hold):   # the expert keeps still, and the task stays done
+    for _ in range(hold):   # the expert backs up or keeps still, and the task stays done
         action = expert_action(env)
         record(action)
         obs, _, _, _, info = env.step(action)
