@@ -453,14 +453,31 @@ class Prompter:
         r = reasoning_text(record.get("reasoning")) if reasoning else ""
         target = self.tokenizer(r, add_special_tokens=False)["input_ids"][:cfg.max_reasoning_tokens] if r else []
         target = target + [self.ids[ACT]]
-        a, m = self.action_chunk(record, stats[0])
+        arrays = self.robot_arrays(record, images, stats)
         if cfg.action_head == "flow":
             act_tokens, tail = [], [self.ids[QUERY]] * cfg.n_queries
         else:
-            act_tokens, tail = self.bin_ids[self.bins(a.reshape(-1))].tolist(), []
-        arrays = dict(action=a, action_mask=m, state=self.state(record, stats[1]), images=images,
-                      ground=subtask_target(record.get("reasoning"), *images[0].size))  # None: no ECoT boxes
+            act_tokens, tail = self.bin_ids[self.bins(arrays["action"].reshape(-1))].tolist(), []
         return (self.robot_prompt(record), target, act_tokens, tail), arrays
+
+    def robot_arrays(self, record, images, stats):
+        """A robot frame's action chunk and its mask, state, images and grounding target (None: no ECoT boxes)."""
+        a, m = self.action_chunk(record, stats[0])
+        return dict(action=a, action_mask=m, state=self.state(record, stats[1]), images=images,
+                    ground=subtask_target(record.get("reasoning"), *images[0].size))
+
+    def expert_batch(self, records, robot_stats):
+        """What the flow head reads of robot frames besides the query states: states, action chunks and masks, its
+        own image view and the grounding targets (train.py's specialist with a frozen VLM; no text, no VLM pixels)."""
+        return self.stacked([self.robot_arrays(r, self.images(r), robot_stats(r.get("robot"))) for r in records])
+
+    def stacked(self, frames):
+        stack = lambda key: torch.from_numpy(np.stack([f[key] for f in frames]))
+        return dict(states=stack("state"), actions=stack("action"), action_mask=stack("action_mask"),
+                    head_pixels=torch.stack([self.head_pixels(f["images"]) for f in frames]),
+                    ground=torch.tensor(np.stack([np.zeros(2, np.float32) if f["ground"] is None else f["ground"]
+                                                  for f in frames])),
+                    ground_mask=torch.tensor([f["ground"] is not None for f in frames]))
 
     def answer_sample(self, record, tokens):
         """A multimodal sample -> its sequence: the question's prompt, the answer and <|im_end|> as text target."""
@@ -514,12 +531,7 @@ class Prompter:
                      is_robot=torch.tensor([r["domain"] == "robot" for r in records]),
                      records=records, domain=[r["domain"] for r in records])
         if frames:
-            stack = lambda key: torch.from_numpy(np.stack([f[key] for f in frames]))
-            batch.update(states=stack("state"), actions=stack("action"), action_mask=stack("action_mask"),
-                         head_pixels=torch.stack([self.head_pixels(f["images"]) for f in frames]),
-                         ground=torch.tensor(np.stack([np.zeros(2, np.float32) if f["ground"] is None else f["ground"]
-                                                       for f in frames])),
-                         ground_mask=torch.tensor([f["ground"] is not None for f in frames]))
+            batch.update(self.stacked(frames))
         return batch
 
     def left_padded(self, prompts, pixels):
@@ -649,14 +661,17 @@ class DualVLA(nn.Module):
                     action_count=mask.sum())
 
     def flow_loss(self, h, batch, noise=None, t=None):
-        """The flow head's action term (Eq. 2): the head's velocity (or clean chunk) at x_t on the flow path from
-        `noise` at time `t` (drawn when None) against the path's, summed over the kept chunk steps; and the
-        grounding probe's squared error."""
-        qs = h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1])  # (Br, Q, H)
+        """The flow head's action term (Eq. 2) on the query rows of the hidden states h: expert_loss."""
+        return self.expert_loss(h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1]), batch, noise, t)
+
+    def expert_loss(self, qs, batch, noise=None, t=None):
+        """The flow head's velocity (or clean chunk) at x_t on the flow path from `noise` at time `t` (drawn when
+        None) against the path's, summed over the kept chunk steps; and the grounding probe's squared error.
+        qs: the query states (B_robot, Q, H)."""
         ctx = self.head.context(qs, batch["head_pixels"], batch["states"])
         x1 = batch["actions"]
         noise = torch.randn_like(x1) if noise is None else noise
-        t = sample_flow_time(x1.shape[0], self.config).to(h.device) if t is None else t
+        t = sample_flow_time(x1.shape[0], self.config).to(qs.device) if t is None else t
         x_t, velocity = flow_path(x1, noise, t, self.config.flow_sigma_min)
         pred = self.head(x_t, t, ctx)
         mask = batch["action_mask"][..., None].float()

@@ -3730,6 +3730,34 @@ def test_kill_9_then_resume_gives_the_same_weights(base_run, tmp_path):
     assert same(weights(ref), weights(cut))
 
 
+def test_frozen_vlm_specialist_takes_the_same_step(base_run):
+    """A specialist whose VLM stays frozen reads the VLM's outputs computed once per frame (train.vlm_outputs): the
+    same logged terms and the same gradients as running the VLM at every step, and only the expert learns."""
+    cfg = train.stage_config("specialist", dict(steps=4, freeze_vlm_steps=4, ground_weight=1.0))
+    ctx = dict(rank=0, world=1, device=torch.device("cpu"))
+    robot = data.add_action_chunks(data.episode_records([expert_episode(t, 0, 64) for t in TASKS]), 4)
+    torch.manual_seed(0)
+    m = DualVLA(VLAConfig(backbone=str(base_run / "tiny"), image_size=56, chunk=4))
+    m.ground_weight = 1.0
+    train.set_vlm_trainable(m, False, cfg)
+    assert train.frozen_vlm(cfg, m, ctx) and not train.frozen_vlm(dataclasses.replace(cfg, freeze_vlm_steps=3), m, ctx)
+    micro = [robot[::5][:6], robot[1::5][:5]]
+    ref = train.vla_losses(m, micro, 3, cfg, ctx, reasoning=False)
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    cached = train.vlm_outputs(m, robot, ctx)
+    assert len(cached) == len(robot)
+    batches = [m.prompter.expert_batch(train.open_images(recs), m.robot_stats) for recs in micro]
+    got = train.expert_losses(m, micro, 3, cfg, ctx, cached, batches)
+    assert got.keys() == ref.keys() and ref["lm_robot"] > 0 and ref["ground"] > 0
+    assert all(got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7) for k in ref), (got, ref)
+    assert grads and all(n.startswith("head.") for n in grads)
+    for n, p in m.named_parameters():
+        assert (p.grad is None) == (n not in grads), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_speed_paths_keep_the_numerics(base_run, tmp_path):
     """--compile and --prefetch change the speed of a step, not its result."""
     import copy

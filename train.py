@@ -149,23 +149,25 @@ DEMO = {
     # A 4-action chunk for episodes of 10-20 steps; hold steps show the policy how to stay done.
     "common": dict(threads=1, flow_target="action", backbone_steps=800, min_pixels=56 * 56, max_pixels=56 * 56,
                    chunk=4, demo_hold=3),
-    # The VLM frozen throughout: trained with the head from step 0 it gave lower success (docs/miniature.md).
-    # The grounding term and x1-prediction made the head learn fastest (docs/miniature.md).
+    # The VLM frozen throughout (trained with the head it gave lower success), so its outputs are computed once
+    # (train.vlm_outputs) and 4,000 cosine steps cost the action expert alone. The grounding term and
+    # x1-prediction made the head learn fastest (docs/miniature.md).
     # As InstructVLA's stage 2, the action expert stays frozen after the specialist; distillation runs at
     # 0.4x the co-training lr, the paper's ratio (2e-5 against its base model's 5e-5).
-    "specialist": dict(steps=2000, batch_size=32, lr=1e-3, freeze_vlm_steps=2000, ground_weight=1.0),
+    "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", freeze_vlm_steps=4000,
+                       ground_weight=1.0),
     "generalist": dict(steps=150, batch_size=16, lr=1e-4, freeze_action_head=True),
     "distill": dict(steps=150, batch_size=16, lr=4e-5, freeze_action_head=True),
 }
 PRESETS = {
     "demo": DEMO,
     # The miniature reproduction: the demo's kind at a larger scale. 3x the demos (held-out open-loop direction
-    # 0.88 against 0.73 with 100 a task), a longer backbone pretraining, 4,000 cosine specialist steps;
+    # 0.88 against 0.73 with 100 a task), a longer backbone pretraining, the demo's specialist;
     # co-training at lr 1e-3 with half the batch multimodal, the first setting in which the tiny VLM learned
     # any QA. The expert frozen after the specialist and distillation at 0.4x the co-training lr, as in demo.
     "mini": {
         "common": dict(DEMO["common"], demo_episodes=300, backbone_steps=3000),
-        "specialist": dict(DEMO["specialist"], steps=4000, schedule="cosine", freeze_vlm_steps=4000),
+        "specialist": DEMO["specialist"],
         "generalist": dict(DEMO["generalist"], steps=600, lr=1e-3, mm_ratio=0.5),
         "distill": dict(DEMO["distill"], steps=600, lr=4e-4, mm_ratio=0.5),
     },
@@ -643,6 +645,56 @@ def vla_losses(model, micro, step, cfg, ctx, reasoning, batches=None):
     return terms
 
 
+def frozen_vlm(cfg, model, ctx):
+    """Whether the stage trains the flow head alone on a VLM frozen throughout (the CPU presets' specialist): the VLM's
+    outputs on a frame then never change, and vlm_outputs computes them once instead of every step."""
+    return (cfg.stage == "specialist" and cfg.freeze_vlm_steps >= cfg.steps and model.config.action_head == "flow"
+            and ctx["world"] == 1)
+
+
+@torch.no_grad()
+def vlm_outputs(model, robot, ctx, batch_size=64):
+    """{(episode, step): (query states (Q, H), lm loss sum, its token count)} of every robot frame as the specialist
+    sees it (no reasoning), from one pass of the frozen VLM."""
+    out = {}
+    for i in range(0, len(robot), batch_size):
+        recs = robot[i:i + batch_size]
+        batch = to_device(model.make_batch(open_images(recs), reasoning=False), ctx)
+        h = model.hidden_states(batch)
+        qs = h[batch["query_mask"]].view(len(recs), model.config.n_queries, -1)
+        text = text_target_mask(batch)
+        rows = text.nonzero()[:, 0]
+        ce = torch.nn.functional.cross_entropy(model.backbone.lm_head(h)[:, :-1][text].float(),
+                                               batch["labels"][:, 1:][text], reduction="none")
+        lm = torch.zeros(len(recs), device=h.device).index_add_(0, rows, ce)
+        n = torch.bincount(rows, minlength=len(recs))
+        for k, r in enumerate(recs):
+            out[(r["episode"], r["step"])] = (qs[k], lm[k], n[k])
+    return out
+
+
+def expert_losses(model, micro, step, cfg, ctx, cached, batches):
+    """vla_losses for a specialist on a frozen VLM (frozen_vlm), from its cached outputs: the same step (the lm term
+    of a frozen VLM has no gradient) and the same logged terms. batches: Prompter.expert_batch of each micro-batch."""
+    inner = unwrap(model)
+    n_act = sum(int(b["action_mask"].sum()) for b in batches) * inner.config.action_dim
+    n_ground = 2 * sum(int(b["ground_mask"].sum()) for b in batches)
+    sums = torch.zeros(4, dtype=torch.float64)  # lm, its tokens, action, ground
+    for recs, batch in zip(micro, batches):
+        qs, lm, n = (torch.stack(x) for x in zip(*(cached[(r["episode"], r["step"])] for r in recs)))
+        noise = flow_noise(recs, inner.config, cfg.seed, step)
+        out = inner.expert_loss(qs, to_device(batch, ctx), **{k: v.to(ctx["device"]) for k, v in noise.items()})
+        loss = out["action_sum"] / max(n_act, 1) + inner.ground_weight * out["ground_sum"] / max(n_ground, 1)
+        loss.backward()
+        sums += torch.tensor([float(lm.sum()), float(n.sum()), float(out["action_sum"].detach()),
+                              float(out["ground_sum"].detach())], dtype=torch.float64)
+    lm_robot, action = float(sums[0] / sums[1].clamp(min=1)), float(sums[2]) / max(n_act, 1)
+    terms = dict(loss=lm_robot + action, lm_robot=lm_robot, lm_mm=0.0, action=action)
+    if cfg.ground_weight:
+        terms["ground"] = float(sums[3]) / max(n_ground, 1)
+    return terms
+
+
 def domain_sums(out, batch):
     """Summed lm loss of robot and multimodal rows and the action loss, with their counts (for logs)."""
     with torch.no_grad():
@@ -797,8 +849,18 @@ def train(cfg, ctx, inputs):
     if ckpt:
         set_rng_states(ckpt["rng"])  # last, so nothing above consumes the restored streams
 
+    cached = None
+    if frozen_vlm(cfg, model, ctx):
+        t0 = time.time()
+        cached = vlm_outputs(model, robot, ctx)
+        if rank0:
+            print(f"{cfg.stage}: the VLM is frozen throughout: its outputs on the {len(robot)} frames computed once "
+                  f"({time.time() - t0:.0f} s)")
+
     def next_step():  # with --prefetch only the worker reads the stream: the data order stays the same
         micro = [next(stream) for _ in range(cfg.grad_accum)]
+        if cached:
+            return micro, [model.prompter.expert_batch(open_images(recs), model.robot_stats) for recs in micro]
         return micro, step_inputs(model, micro, reasoning, ctx)
 
     steps = prefetched(next_step, cfg.prefetch)
@@ -814,6 +876,7 @@ def train(cfg, ctx, inputs):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         log = distill_losses(wrapped, teachers, micro, step, cfg, ctx, batches) if teachers else \
+            expert_losses(wrapped, micro, step, cfg, ctx, cached, batches) if cached else \
             vla_losses(wrapped, micro, step, cfg, ctx, reasoning, batches)
         if not math.isfinite(log["loss"]):
             domains = [r["domain"] for recs in micro for r in recs]
