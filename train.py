@@ -662,10 +662,7 @@ def vlm_outputs(model, robot, ctx, batch_size=64):
         batch = to_device(model.make_batch(open_images(recs), reasoning=False), ctx)
         h = model.hidden_states(batch)
         qs = h[batch["query_mask"]].view(len(recs), model.config.n_queries, -1)
-        text = text_target_mask(batch)
-        rows = text.nonzero()[:, 0]
-        ce = torch.nn.functional.cross_entropy(model.backbone.lm_head(h)[:, :-1][text].float(),
-                                               batch["labels"][:, 1:][text], reduction="none")
+        ce, rows = text_losses(model.backbone.lm_head(h), batch)
         lm = torch.zeros(len(recs), device=h.device).index_add_(0, rows, ce)
         n = torch.bincount(rows, minlength=len(recs))
         for k, r in enumerate(recs):
@@ -695,14 +692,19 @@ def expert_losses(model, micro, step, cfg, ctx, cached, batches):
     return terms
 
 
+def text_losses(logits, batch):
+    """The lm loss of each text-target token and the batch row it lies in."""
+    mask = text_target_mask(batch).to(logits.device)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), batch["labels"][:, 1:].to(mask.device)[mask],
+                                           reduction="none")
+    return ce, mask.nonzero()[:, 0]
+
+
 def domain_sums(out, batch):
     """Summed lm loss of robot and multimodal rows and the action loss, with their counts (for logs)."""
     with torch.no_grad():
-        mask = text_target_mask(batch).to(out["logits"].device)
-        rows = mask.nonzero()[:, 0]
-        ce = torch.nn.functional.cross_entropy(out["logits"][:, :-1][mask].float(),
-                                               batch["labels"][:, 1:].to(mask.device)[mask], reduction="none")
-        robot = batch["is_robot"].to(mask.device)[rows]
+        ce, rows = text_losses(out["logits"], batch)
+        robot = batch["is_robot"].to(rows.device)[rows]
         return torch.tensor([ce[robot].sum(), ce[~robot].sum(), out["action_sum"], robot.sum(), (~robot).sum(),
                              out["action_count"]], dtype=torch.float64)
 
