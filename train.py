@@ -152,24 +152,24 @@ DEMO = {
     # The VLM frozen throughout (trained with the head it gave lower success), so its outputs are computed once
     # (train.vlm_outputs) and 4,000 cosine steps cost the action expert alone. The grounding term and
     # x1-prediction made the head learn fastest (docs/miniature.md).
+    # Co-training at lr 1e-3 with half the batch multimodal, the first setting in which the tiny VLM learned any
+    # QA (at 1e-4 its answers ran on and 150 steps left the frozen expert 0 % success, docs/miniature.md).
     # As InstructVLA's stage 2, the action expert stays frozen after the specialist; distillation runs at
     # 0.4x the co-training lr, the paper's ratio (2e-5 against its base model's 5e-5).
     "specialist": dict(steps=4000, batch_size=32, lr=1e-3, schedule="cosine", freeze_vlm_steps=4000,
                        ground_weight=1.0),
-    "generalist": dict(steps=150, batch_size=16, lr=1e-4, freeze_action_head=True),
-    "distill": dict(steps=150, batch_size=16, lr=4e-5, freeze_action_head=True),
+    "generalist": dict(steps=150, batch_size=16, lr=1e-3, mm_ratio=0.5, freeze_action_head=True),
+    "distill": dict(steps=150, batch_size=16, lr=4e-4, mm_ratio=0.5, freeze_action_head=True),
 }
 PRESETS = {
     "demo": DEMO,
-    # The miniature reproduction: the demo's kind at a larger scale. 3x the demos (held-out open-loop direction
-    # 0.88 against 0.73 with 100 a task), a longer backbone pretraining, the demo's specialist;
-    # co-training at lr 1e-3 with half the batch multimodal, the first setting in which the tiny VLM learned
-    # any QA. The expert frozen after the specialist and distillation at 0.4x the co-training lr, as in demo.
+    # The miniature reproduction: the demo at a larger scale. 3x the demos (held-out open-loop direction 0.88
+    # against 0.73 with 100 a task), a longer backbone pretraining, 4x the co-training and distillation steps.
     "mini": {
         "common": dict(DEMO["common"], demo_episodes=300, backbone_steps=3000),
         "specialist": DEMO["specialist"],
-        "generalist": dict(DEMO["generalist"], steps=600, lr=1e-3, mm_ratio=0.5),
-        "distill": dict(DEMO["distill"], steps=600, lr=4e-4, mm_ratio=0.5),
+        "generalist": dict(DEMO["generalist"], steps=600),
+        "distill": dict(DEMO["distill"], steps=600),
     },
     # The base model's expert and regime (NOTES §6): InstructVLA's action expert on DINOv2-L with registers (its
     # timm vit_large_patch14_reg4_dinov2), Beta(1.5, 1) flow time, σ_min 1e-3, LoRA r 128 on the robot stage and
