@@ -4075,6 +4075,10 @@ def test_presets_and_flags():
         assert gen.freeze_action_head and dist.freeze_action_head and dist.lr == pytest.approx(0.4 * gen.lr)
         assert (gen.chunk, gen.demo_hold) == (4, 3)
     assert (demo.chunk, demo.demo_hold, demo.eval_episodes, report.eval_horizon(demo)) == (4, 3, 50, 4)
+    # the demo is mini at a smaller scale, not of another kind: co-training and distillation differ in size only
+    for stage in ("generalist", "distill"):
+        d, m = (dataclasses.asdict(train.stage_config(stage, {"preset": p})) for p in ("demo", "mini"))
+        assert {k for k in d if d[k] != m[k]} == {"preset", "out", "steps", "demo_episodes", "backbone_steps"}
     with pytest.raises(UserError, match="--demo-noise"):
         train.validate(train.stage_config("specialist", {"demo_noise": 0.5}))
     with pytest.raises(UserError, match="DDP"):
