@@ -660,9 +660,13 @@ class DualVLA(nn.Module):
         return dict(action_logits=action_logits, action_targets=targets, action_sum=(ce * mask).sum(),
                     action_count=mask.sum())
 
+    def query_states(self, h, batch):
+        """The action queries' rows of the hidden states h: (frames with queries, Q, H), what the flow head reads."""
+        return h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1])
+
     def flow_loss(self, h, batch, noise=None, t=None):
-        """The flow head's action term (Eq. 2) on the query rows of the hidden states h: expert_loss."""
-        return self.expert_loss(h[batch["query_mask"]].view(-1, self.config.n_queries, h.shape[-1]), batch, noise, t)
+        """The flow head's action term (Eq. 2) on the query states of the hidden states h: expert_loss."""
+        return self.expert_loss(self.query_states(h, batch), batch, noise, t)
 
     def expert_loss(self, qs, batch, noise=None, t=None):
         """The flow head's velocity (or clean chunk) at x_t on the flow path from `noise` at time `t` (drawn when
@@ -763,7 +767,7 @@ class DualVLA(nn.Module):
         batch = self.prompter.left_padded([q + [self.ids[QUERY]] * cfg.n_queries for q in prompts], pixels)
         batch["query_mask"] = batch["input_ids"] == self.ids[QUERY]
         batch = self.to_device(batch)
-        qs = self.hidden_states(batch)[batch["query_mask"]].view(len(prompts), cfg.n_queries, -1)
+        qs = self.query_states(self.hidden_states(batch), batch)
         head_pixels = torch.stack([self.prompter.head_pixels(ims) for ims in images]).to(dev)
         ctx = self.head.context(qs, head_pixels, states.to(dev))
         return self.sample_actions(ctx, generators).cpu().numpy()

@@ -661,7 +661,7 @@ def vlm_outputs(model, robot, ctx, batch_size=64):
         recs = robot[i:i + batch_size]
         batch = to_device(model.make_batch(open_images(recs), reasoning=False), ctx)
         h = model.hidden_states(batch)
-        qs = h[batch["query_mask"]].view(len(recs), model.config.n_queries, -1)
+        qs = model.query_states(h, batch)
         ce, rows = text_losses(model.backbone.lm_head(h), batch)
         lm = torch.zeros(len(recs), device=h.device).index_add_(0, rows, ce)
         n = torch.bincount(rows, minlength=len(recs))
